@@ -1,0 +1,1 @@
+"""Flax linen layers: RMSNorm, RoPE/YaRN, MLA, DeepSeekMoE, MTP, and the one Dense."""

@@ -1,0 +1,120 @@
+"""Multi-head Latent Attention (V2 §2.1, V3 §2.1.1, eqs. 1-11).
+
+Keys and values are generated from one low-rank latent per token, c_kv = RMSNorm(W_DKV h) (eq. 1), plus one
+rope key k_R = RoPE(W_KR h) shared by all heads (eq. 3). Queries may be compressed too (q_lora_rank, eqs. 6-8).
+
+Two computations of the same function:
+- naive (training, reference): expand the latent into per-head k_nope and v with kv_b, concatenate the rope
+  part, ordinary attention;
+- absorbed (decode): fold kv_b's key half into the query (q_lat = q_nope W_UK^T) and its value half into the
+  output (o = (p c_kv) W_UV), so attention runs against the cached latent directly and nothing per-head is ever
+  materialised for the keys. The cache holds exactly (kv_lora_rank + qk_rope_head_dim) numbers per token.
+
+Scores and softmax are fp32 whatever the compute dtype; the attention core is never FP8 (V3 §3.3).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.linear import Dense, Kernel, dtype_of, linear
+from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, softmax_scale
+
+# The latent norms use eps 1e-6 in both references, whatever rms_norm_eps says (REFERENCE.md).
+LATENT_NORM_EPS = 1e-6
+
+Cache = dict  # {"c_kv": [B, S, kv_lora_rank], "k_rope": [B, S, qk_rope_head_dim]}
+
+
+def init_layer_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> Cache:
+    """An empty latent cache for one MLA layer."""
+    dt = dtype_of(dtype)
+    return {"c_kv": jnp.zeros((batch_size, max_len, cfg.kv_lora_rank), dt),
+            "k_rope": jnp.zeros((batch_size, max_len, cfg.qk_rope_head_dim), dt)}
+
+
+def _write_cache(cache: Cache, c_kv_btr, k_rope_btd, positions_bt) -> Cache:
+    b = jnp.arange(positions_bt.shape[0])[:, None]
+    return {"c_kv": cache["c_kv"].at[b, positions_bt].set(c_kv_btr.astype(cache["c_kv"].dtype)),
+            "k_rope": cache["k_rope"].at[b, positions_bt].set(k_rope_btd.astype(cache["k_rope"].dtype))}
+
+
+def _masked_softmax(scores_bhts, q_pos_bt, k_pos_bs):
+    """Causal by position: key s is visible to query t iff pos(s) <= pos(t). fp32 in, fp32 out."""
+    visible = k_pos_bs[:, None, None, :] <= q_pos_bt[:, None, :, None]
+    scores = jnp.where(visible, scores_bhts, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class MLA(nn.Module):
+    cfg: ModelConfig
+    dot_general: Optional[object] = None  # precision policy for the projections (FP8 hook)
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Optional[Cache] = None,
+                 absorb: bool = False) -> Tuple[jax.Array, Optional[Cache]]:
+        """x [B, T, d] -> ([B, T, d], updated cache or None).
+
+        positions_bt: absolute positions of the T tokens. With a cache (slot index == position), the new
+        latents are written at those positions and the queries attend over every cached slot up to their
+        own position. ``absorb`` selects the absorbed computation (same numbers, latent-only).
+        """
+        cfg = self.cfg
+        B, T, _ = x_btd.shape
+        H, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                            cfg.v_head_dim, cfg.kv_lora_rank)
+        dense = lambda feats, axes, name: Dense(feats, axes, cfg.dtype, cfg.param_dtype, cfg.initializer_range,
+                                                self.dot_general, name=name)
+        # Queries (eqs. 6-10).
+        if cfg.q_lora_rank is None:
+            q = dense(H * (dn + dr), ("embed", "q_heads"), "q_proj")(x_btd)
+        else:
+            c_q = dense(cfg.q_lora_rank, ("embed", "q_lora"), "q_a_proj")(x_btd)
+            c_q = RMSNorm(LATENT_NORM_EPS, cfg.param_dtype, "q_lora", name="q_a_norm")(c_q)
+            q = dense(H * (dn + dr), ("q_lora", "q_heads"), "q_b_proj")(c_q)
+        q = q.reshape(B, T, H, dn + dr)
+        q_nope, q_rope = q[..., :dn], q[..., dn:]
+        # Latent KV and the shared rope key (eqs. 1, 3).
+        kv_a = dense(r + dr, ("embed", "kv_lora"), "kv_a_proj")(x_btd)
+        c_kv = RMSNorm(LATENT_NORM_EPS, cfg.param_dtype, "kv_lora", name="kv_a_norm")(kv_a[..., :r])
+        cos, sin = rope_cos_sin(cfg, positions_bt)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(kv_a[..., r:], cos, sin)
+        w_kvb = Kernel((r, H * (dn + dv)), ("kv_lora", "kv_heads"), cfg.param_dtype, cfg.initializer_range,
+                       name="kv_b_proj")()
+
+        new_cache = None
+        if cache is not None:
+            new_cache = _write_cache(cache, c_kv, k_rope, positions_bt)
+            keys_c, keys_r = new_cache["c_kv"].astype(c_kv.dtype), new_cache["k_rope"].astype(k_rope.dtype)
+            k_pos = jnp.broadcast_to(jnp.arange(keys_c.shape[1])[None], (B, keys_c.shape[1]))
+        else:
+            keys_c, keys_r, k_pos = c_kv, k_rope, positions_bt
+
+        scale = softmax_scale(cfg)
+        f32 = jnp.float32
+        dt = dtype_of(cfg.dtype)
+        if absorb:
+            w = w_kvb.astype(dt).reshape(r, H, dn + dv)
+            w_uk, w_uv = w[..., :dn], w[..., dn:]
+            q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
+            scores = (jnp.einsum("bthr,bsr->bhts", q_lat, keys_c, preferred_element_type=f32)
+                      + jnp.einsum("bthd,bsd->bhts", q_rope, keys_r, preferred_element_type=f32)) * scale
+            p = _masked_softmax(scores, positions_bt, k_pos).astype(dt)
+            o_lat = jnp.einsum("bhts,bsr->bthr", p, keys_c)
+            o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
+        else:
+            kv = linear(keys_c, w_kvb, cfg.dtype, self.dot_general).reshape(B, keys_c.shape[1], H, dn + dv)
+            k_nope, v = kv[..., :dn], kv[..., dn:]
+            scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=f32)
+                      + jnp.einsum("bthd,bsd->bhts", q_rope, keys_r, preferred_element_type=f32)) * scale
+            p = _masked_softmax(scores, positions_bt, k_pos).astype(dt)
+            o = jnp.einsum("bhts,bshv->bthv", p, v)
+        out = dense(cfg.hidden_size, ("o_heads", "embed"), "o_proj")(o.reshape(B, T, H * dv))
+        return out, new_cache

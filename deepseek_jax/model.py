@@ -1,0 +1,196 @@
+"""The DeepSeek-V3 Transformer: embedding -> scanned dense blocks -> scanned MoE blocks -> norm -> head, plus
+the MTP modules (V3 §2, Fig. 2-3).
+
+``Transformer(cfg).apply(variables, tokens)`` returns ``ModelOutput(logits, mtp_logits, aux, ...)``. Variables
+are ``{"params": ..., "router": ...}``; the "router" collection holds the aux-loss-free bias b of every MoE layer
+(non-trainable, outside the optimizer). Identical blocks are stacked with ``nn.scan`` (one compiled body, a
+leading "layers" axis on every parameter) and optionally rematerialised with a named policy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.attention import MLA, init_layer_cache
+from deepseek_jax.layers.linear import Dense, dtype_of
+from deepseek_jax.layers.moe import MLP, MoE
+from deepseek_jax.layers.mtp import MTPModule
+from deepseek_jax.layers.norms import RMSNorm
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """logits [B, T, V]; mtp_logits: tuple of D arrays, the k-th [B, T-k, V] predicting token i+k+1 from
+    position i (empty when decoding with a cache); hidden: final normed hidden state [B, T, d] (h^0 of MTP);
+    aux: {"moe": {"load" [L_moe, E], "seq_counts" [L_moe, B, E], "seq_probs" [L_moe, B, E]},
+          "mtp": same keys stacked over the D MTP modules}; cache: the updated latent cache or None."""
+
+    logits: jax.Array
+    mtp_logits: Tuple[jax.Array, ...]
+    aux: Dict[str, Any]
+    hidden: jax.Array
+    cache: Optional[Dict[str, Any]] = None
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + MLA(norm(x)); x + FFN(norm(x)) where FFN is MoE or dense (SwiGLU).
+    Scan-shaped: (x, positions, cache) -> (x, (aux, cache))."""
+
+    cfg: ModelConfig
+    moe: bool
+    absorb: bool = False
+    dot_general: Optional[object] = None
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, cache=None):
+        cfg = self.cfg
+        h, new_cache = MLA(cfg, self.dot_general, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="attn_norm")(x_btd), positions_bt, cache,
+            absorb=self.absorb)
+        x_btd = x_btd + h
+        y = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="mlp_norm")(x_btd)
+        if self.moe:
+            y, aux = MoE(cfg, self.dot_general, name="mlp")(y)
+        else:
+            y, aux = MLP(cfg, cfg.intermediate_size, self.dot_general, name="mlp")(y), {}
+        return x_btd + y, (aux, new_cache)
+
+
+def _block_stack(cfg: ModelConfig, moe: bool, n: int, absorb: bool, dot_general, name: str):
+    cls = Block
+    if cfg.remat_policy != "none":
+        cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    scanned = nn.scan(cls, variable_axes={"params": 0, "router": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, 0), length=n, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, moe=moe, absorb=absorb, dot_general=dot_general, name=name)
+
+
+def check_tokens(tokens, vocab_size: int) -> None:
+    """Raise ValueError for ids outside [0, vocab_size) when the ids are concrete (JAX gathers clamp silently).
+    Under tracing the embedding lookup fills out-of-range rows with NaN instead, so a bad id poisons the loss
+    loudly rather than silently reading another token's row."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    t = np.asarray(tokens)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"tokens: integer token ids expected, got dtype {t.dtype}")
+    if t.size and (t.min() < 0 or t.max() >= vocab_size):
+        bad = t[(t < 0) | (t >= vocab_size)]
+        raise ValueError(f"tokens: ids must be in [0, vocab_size={vocab_size}); found {bad.size} out of range, "
+                         f"e.g. {bad.ravel()[:5].tolist()}")
+
+
+class Embed(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_bt):
+        cfg = self.cfg
+        table = self.param("embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
+            dtype_of(cfg.param_dtype))
+        out = jnp.take(table, tokens_bt, axis=0, mode="fill", fill_value=jnp.nan)
+        return out.astype(dtype_of(cfg.dtype))
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    dot_general: Optional[object] = None  # precision policy for the FP8-eligible projections
+
+    @nn.compact
+    def __call__(self, tokens_bt: jax.Array, positions_bt: Optional[jax.Array] = None,
+                 cache: Optional[Dict[str, Any]] = None, absorb: Optional[bool] = None) -> ModelOutput:
+        """tokens [B, T] int. positions default to 0..T-1. With ``cache`` (from generate.init_cache) the new
+        latents are written at ``positions`` and attention runs over the cache (absorbed path by default);
+        MTP is skipped then. MTP runs when there is no cache and T > D (init with T > D to create its params)."""
+        cfg = self.cfg
+        check_tokens(tokens_bt, cfg.vocab_size)
+        B, T = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+        if absorb is None:
+            absorb = cache is not None
+        embed = Embed(cfg, name="embed")
+        x = embed(tokens_bt)
+        new_cache = {} if cache is not None else None
+        aux = {}
+        for kind, n, moe in (("dense", cfg.num_dense_layers, False), ("moe", cfg.num_moe_layers, True)):
+            if n == 0:
+                continue
+            stack = _block_stack(cfg, moe, n, absorb, self.dot_general, f"{kind}_layers")
+            x, (aux_k, cache_k) = stack(x, positions_bt, None if cache is None else cache[kind])
+            if moe:
+                aux["moe"] = aux_k
+            if cache is not None:
+                new_cache[kind] = cache_k
+        hidden = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="final_norm")(x)
+        head = Dense(cfg.vocab_size, ("embed", "vocab"), cfg.dtype, cfg.param_dtype, cfg.initializer_range,
+                     name="lm_head")
+        logits = head(hidden)
+
+        mtp_logits = []
+        D = cfg.num_nextn_predict_layers
+        if cache is None and D > 0 and T > D:
+            h_prev, mtp_aux = hidden, []
+            for k in range(1, D + 1):
+                h_k, normed_k, aux_k = MTPModule(cfg, Block, cfg.num_hidden_layers + k - 1, self.dot_general,
+                                                 name=f"mtp_{k - 1}")(
+                    h_prev[:, :T - k], embed(tokens_bt[:, k:]), positions_bt[:, :T - k])
+                mtp_logits.append(head(normed_k))
+                mtp_aux.append(aux_k)
+                h_prev = h_k
+            if mtp_aux and mtp_aux[0]:
+                aux["mtp"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *mtp_aux)
+        return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), aux=aux, hidden=hidden, cache=new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> Dict[str, Any]:
+    """Latent KV cache for every main-model layer: {"dense"|"moe": {"c_kv" [L, B, S, r], "k_rope" [L, B, S, dr]}}.
+    Bytes per token per layer = (kv_lora_rank + qk_rope_head_dim) * itemsize."""
+    if max_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    one = init_layer_cache(cfg, batch_size, max_len, dtype)
+    out = {}
+    for kind, n in (("dense", cfg.num_dense_layers), ("moe", cfg.num_moe_layers)):
+        if n:
+            out[kind] = jax.tree_util.tree_map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), one)
+    return out
+
+
+def init(cfg: ModelConfig, rng: jax.Array, seq_len: Optional[int] = None, unbox: bool = True):
+    """Initialise variables {"params", "router"} (plain arrays when ``unbox``)."""
+    seq_len = seq_len or cfg.num_nextn_predict_layers + 2
+    variables = Transformer(cfg).init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    return nn.meta.unbox(variables) if unbox else variables
+
+
+def abstract_variables(cfg: ModelConfig):
+    """Shapes and dtypes of every variable, without allocating (jax.eval_shape)."""
+    return jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0)))
+
+
+def count_params(cfg: ModelConfig) -> Dict[str, int]:
+    """{"total": main model incl. embedding and head, "activated": per token (shared + top-k routed experts),
+    "mtp": the MTP modules' own parameters (embedding and head are shared, so not counted again)}, computed
+    from eval_shape, so nothing is allocated even for the 671B preset."""
+    params = abstract_variables(cfg)["params"]
+    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+    mtp = size({k: v for k, v in params.items() if k.startswith("mtp_")})
+    total = size({k: v for k, v in params.items() if not k.startswith("mtp_")})
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    inactive = cfg.num_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    return {"total": total, "activated": total - inactive, "mtp": mtp}
