@@ -323,11 +323,6 @@ def _ablation_small_moe() -> ModelConfig:
     return _v2_lite().replace(num_nextn_predict_layers=0)
 
 
-def _ablation_large_moe() -> ModelConfig:
-    # V3 §4.5: "large" MoE ablation baseline, 228.7B total, 60 layers (V2 shape with sigmoid routing).
-    return _v2_236b().replace(num_nextn_predict_layers=0)
-
-
 def _tiny() -> ModelConfig:
     """Smallest model with the full V3 topology: q compression, group-limited routing, shared expert,
     a dense-first layer, MTP depth 1 and YaRN. For tests and CPU demos."""
@@ -361,7 +356,6 @@ _PRESETS = {
     "deepseek-v2-236b": _v2_236b,
     "deepseek-v2-lite": _v2_lite,
     "ablation-small-moe-15.7b": _ablation_small_moe,
-    "ablation-large-moe-228.7b": _ablation_large_moe,
     "tiny": _tiny,
     "tiny-v2-lite": _tiny_v2_lite,
     "small": _small,

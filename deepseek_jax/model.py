@@ -184,13 +184,20 @@ def abstract_variables(cfg: ModelConfig):
 
 
 def count_params(cfg: ModelConfig) -> Dict[str, int]:
-    """{"total": main model incl. embedding and head, "activated": per token (shared + top-k routed experts),
-    "mtp": the MTP modules' own parameters (embedding and head are shared, so not counted again)}, computed
-    from eval_shape, so nothing is allocated even for the 671B preset."""
+    """Parameter counts from eval_shape (nothing is allocated, even for the 671B preset):
+
+    total      the main model, embedding and output head included (V3: 671B);
+    activated  the parameters one token's forward pass multiplies by: total minus the routed experts it does
+               not use, and minus the input embedding (a table lookup, not a matmul). This is the convention
+               that reproduces all three published figures: V3 37B, V2 21B, V2-Lite 2.4B (counting the embedding
+               too would give 2.7B for V2-Lite);
+    mtp        the MTP modules' own parameters; embedding and head are shared, so not counted again (V3: 11.5B).
+    """
     params = abstract_variables(cfg)["params"]
     size = lambda tree: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
     mtp = size({k: v for k, v in params.items() if k.startswith("mtp_")})
     total = size({k: v for k, v in params.items() if not k.startswith("mtp_")})
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     inactive = cfg.num_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
-    return {"total": total, "activated": total - inactive, "mtp": mtp}
+    embedding = cfg.vocab_size * cfg.hidden_size
+    return {"total": total, "activated": total - inactive - embedding, "mtp": mtp}
