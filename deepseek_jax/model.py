@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers.attention import MLA, init_layer_cache
+from deepseek_jax.layers.attention import MLA
 from deepseek_jax.layers.linear import Dense, dtype_of
 from deepseek_jax.layers.moe import MLP, MoE
 from deepseek_jax.layers.mtp import MTPModule
@@ -156,19 +156,6 @@ class Transformer(nn.Module):
             if mtp_aux and mtp_aux[0]:
                 aux["mtp"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *mtp_aux)
         return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), aux=aux, hidden=hidden, cache=new_cache)
-
-
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> Dict[str, Any]:
-    """Latent KV cache for every main-model layer: {"dense"|"moe": {"c_kv" [L, B, S, r], "k_rope" [L, B, S, dr]}}.
-    Bytes per token per layer = (kv_lora_rank + qk_rope_head_dim) * itemsize."""
-    if max_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_len={max_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-    one = init_layer_cache(cfg, batch_size, max_len, dtype)
-    out = {}
-    for kind, n in (("dense", cfg.num_dense_layers), ("moe", cfg.num_moe_layers)):
-        if n:
-            out[kind] = jax.tree_util.tree_map(lambda a: jnp.zeros((n,) + a.shape, a.dtype), one)
-    return out
 
 
 def init(cfg: ModelConfig, rng: jax.Array, seq_len: Optional[int] = None, unbox: bool = True):

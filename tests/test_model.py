@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax import config, model
+from deepseek_jax import config, generate, model
 from deepseek_jax.layers.linear import linear
 from deepseek_jax.model import Block, Transformer
 
@@ -89,7 +89,7 @@ def test_causality(tiny):
 def test_cached_decoding_equals_full_forward(tiny):
     variables, tokens, out = tiny
     net = Transformer(CFG)
-    cache = model.init_cache(CFG, B, 16)
+    cache = generate.init_cache(CFG, B, 16)
     pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
     step = jax.jit(net.apply)
     res = step(variables, tokens[:, :4], pos[:, :4], cache)
