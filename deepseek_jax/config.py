@@ -240,7 +240,10 @@ class ModelConfig:
             elif rtype != "default":
                 raise ValueError(f"config.json: rope type {rtype!r} is not supported (default or yarn)")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "rope_theta")}
+        # Execution-policy fields are never read from config.json: newer transformers write "dtype" (the storage
+        # dtype of the weights), which must not become this project's compute dtype.
+        policy = ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy")
+        kw = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "rope_theta") + policy}
         if "n_routed_experts" not in hf and "num_local_experts" in hf:
             kw["n_routed_experts"] = hf["num_local_experts"]
         if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
