@@ -83,9 +83,10 @@ def check_tokens(tokens, vocab_size: int) -> None:
     """Raise ValueError for ids outside [0, vocab_size) when the ids are concrete (JAX gathers clamp silently).
     Under tracing the embedding lookup fills out-of-range rows with NaN instead, so a bad id poisons the loss
     loudly rather than silently reading another token's row."""
-    if isinstance(tokens, jax.core.Tracer):
-        return
-    t = np.asarray(tokens)
+    try:
+        t = np.asarray(tokens)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced: values unknown until run time
     if not np.issubdtype(t.dtype, np.integer):
         raise ValueError(f"tokens: integer token ids expected, got dtype {t.dtype}")
     if t.size and (t.min() < 0 or t.max() >= vocab_size):
