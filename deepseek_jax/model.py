@@ -162,7 +162,8 @@ class Transformer(nn.Module):
 def init(cfg: ModelConfig, rng: jax.Array, seq_len: Optional[int] = None, unbox: bool = True):
     """Initialise variables {"params", "router"} (plain arrays when ``unbox``)."""
     seq_len = seq_len or cfg.num_nextn_predict_layers + 2
-    variables = Transformer(cfg).init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    variables = jax.jit(Transformer(cfg).init)(rng, tokens)  # jitted: eager init of a scanned model is slow
     return nn.meta.unbox(variables) if unbox else variables
 
 
