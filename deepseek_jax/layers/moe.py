@@ -13,9 +13,10 @@ Ties go to the lower index (jax.lax.top_k is stable), for groups and experts ali
 Dispatch (all dropless, all the same function; tests hold each equal to ``dense``):
   dense         every expert on every token, masked combine: obviously correct, O(E) compute. Reference only.
   ragged        sort routed rows by expert, jax.lax.ragged_dot (grouped GEMM on GPU/TPU).
-  sorted_tiles  sort routed rows by expert, pad each expert's segment to a multiple of `moe_tile_size`, gather
-                each tile's expert weights, one batched matmul. On CPU, ragged_dot lowers to a masked dense
-                computation; this path does only the routed FLOPs (plus < 1 tile of padding per expert).
+  sorted_tiles  sort routed rows by expert, pad each expert's segment to a multiple of `moe_tile_size`, loop over
+                the used tiles with that tile's expert's weights sliced in place (custom VJP: the backward is the
+                same loop). On CPU, ragged_dot lowers to a masked dense computation; this path does only the
+                routed FLOPs (plus < 1 tile of padding per expert).
   auto          sorted_tiles on CPU, ragged elsewhere.
 """
 
@@ -109,29 +110,141 @@ def dispatch_ragged(x_nd, idx_nk, w_nk, wg, wu, wd):
     return _unsort_combine(y_sorted, order, w_nk)
 
 
-def dispatch_sorted_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
+def _tile_layout(idx_nk, E: int, tile: int):
+    """Where each routed row goes when rows are grouped by expert (stable) and each expert's group is padded to a
+    multiple of `tile`: sum_e ceil(c_e / tile) <= ceil(NK / tile) + E - 1 =: n_tiles, a static bound; only the
+    first `n_used` tiles hold rows and only they are computed.
+
+    Returns (all int32)
+      src      [P]       flat routed row (n * K + k) held by each padded slot; N*K for a padding slot
+      dest     [N, K]    padded slot of each routed row (a bijection onto the non-padding slots)
+      tile_e   [n_tiles] expert of each tile (E - 1 for the unused trailing tiles, which are never computed)
+      n_used   []        number of tiles that hold rows
+    """
     N, K = idx_nk.shape
-    E = wg.shape[0]
     NK = N * K
-    order, e_sorted, sizes = _sort_by_expert(idx_nk, E)
-    # Each expert's segment is padded to a multiple of `tile`: sum_e ceil(c_e / tile) <= ceil(NK / tile) + E - 1.
     n_tiles = -(-NK // tile) + E - 1
     P = n_tiles * tile
+    flat_e = idx_nk.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
+    e_sorted = flat_e[order]
+    sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
     padded = -(-sizes // tile) * tile
-    pad_start = jnp.cumsum(padded) - padded
-    start = jnp.cumsum(sizes) - sizes
-    rank = jnp.arange(NK, dtype=jnp.int32) - start[e_sorted]
-    dest = pad_start[e_sorted] + rank  # slot of each sorted row in the padded layout
-    src = jnp.full((P,), NK, jnp.int32).at[dest].set(jnp.arange(NK, dtype=jnp.int32))
-    x_sorted = x_nd[order // K]
-    x_pad = jnp.concatenate([x_sorted, jnp.zeros((1, x_nd.shape[1]), x_nd.dtype)])[src]
-    tile_e = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * tile, side="right")
-    tile_e = jnp.minimum(tile_e, E - 1)  # trailing all-padding tiles: any expert, their rows are zero
-    x_t = x_pad.reshape(n_tiles, tile, -1)
-    h = _swiglu(jnp.einsum("tsd,tdf->tsf", x_t, wg[tile_e]), jnp.einsum("tsd,tdf->tsf", x_t, wu[tile_e]))
-    y_t = jnp.einsum("tsf,tfd->tsd", h, wd[tile_e])
-    y_sorted = y_t.reshape(P, -1)[dest]
-    return _unsort_combine(y_sorted, order, w_nk)
+    pad_end = jnp.cumsum(padded, dtype=jnp.int32)
+    pad_start = pad_end - padded
+    start = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
+    dest_sorted = pad_start[e_sorted] + jnp.arange(NK, dtype=jnp.int32) - start[e_sorted]
+    dest = jnp.zeros((NK,), jnp.int32).at[order].set(dest_sorted, unique_indices=True)
+    src = jnp.full((P,), NK, jnp.int32).at[dest_sorted].set(order, unique_indices=True)
+    tile_e = jnp.searchsorted(pad_end, jnp.arange(n_tiles, dtype=jnp.int32) * tile, side="right")
+    tile_e = jnp.minimum(tile_e, E - 1).astype(jnp.int32)
+    n_used = (pad_end[-1] // tile).astype(jnp.int32)
+    return src, dest.reshape(N, K), tile_e, n_used
+
+
+def _take(w, e):
+    return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+
+
+def _tiled_ffn_forward(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used, keep: bool):
+    """Loop over the used tiles only: tile t's rows times expert tile_e[t]'s weights (sliced, not gathered)."""
+    K = dest_nk.shape[1]
+    d, F = x_nd.shape[1], wg.shape[2]
+    P, n_tiles = src.shape[0], tile_e.shape[0]
+    tile = P // n_tiles
+    # src // K is the token of each slot; padding slots (src == N*K) read the appended zero row N.
+    x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])[src // K]
+
+    def body(t, carry):
+        r0 = t * tile
+        e = tile_e[t]
+        x_t = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile)
+        a, b = x_t @ _take(wg, e), x_t @ _take(wu, e)
+        y_t = _swiglu(a, b) @ _take(wd, e)
+        out = (jax.lax.dynamic_update_slice_in_dim(carry[0], y_t.astype(carry[0].dtype), r0, 0),)
+        if keep:  # pre-activations, for the backward pass
+            out += (jax.lax.dynamic_update_slice_in_dim(carry[1], a, r0, 0),
+                    jax.lax.dynamic_update_slice_in_dim(carry[2], b, r0, 0))
+        return out
+
+    out_dt = jnp.result_type(x_nd.dtype, wd.dtype)
+    act_dt = jnp.result_type(x_nd.dtype, wg.dtype)
+    init = (jnp.zeros((P, d), out_dt),)
+    if keep:
+        init += (jnp.zeros((P, F), act_dt), jnp.zeros((P, F), act_dt))
+    out = jax.lax.fori_loop(0, n_used, body, init)
+    return out[0][dest_nk], (x_pad,) + tuple(out[1:])
+
+
+@jax.custom_vjp
+def _tiled_ffn(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used):
+    """SwiGLU_{e}(x_n) for every routed row (n, k), as [N, K, d] in the compute dtype."""
+    return _tiled_ffn_forward(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used, keep=False)[0]
+
+
+def _tiled_ffn_fwd(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used):
+    y, (x_pad, a_pad, b_pad) = _tiled_ffn_forward(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used, keep=True)
+    return y, (x_nd, x_pad, a_pad, b_pad, wg, wu, wd, src, dest_nk, tile_e, n_used)
+
+
+def _tiled_ffn_bwd(res, ct_nkd):
+    """Same tile loop backwards; expert weight grads accumulate (fp32) in place into their expert's slice, and the
+    row permutations are undone by gathers (src/dest are inverse bijections), never scatter-adds."""
+    x_nd, x_pad, a_pad, b_pad, wg, wu, wd, src, dest_nk, tile_e, n_used = res
+    N, K = dest_nk.shape
+    d = x_nd.shape[1]
+    P, n_tiles = src.shape[0], tile_e.shape[0]
+    tile = P // n_tiles
+    f32 = jnp.float32
+    ct_flat = ct_nkd.reshape(N * K, d)
+    ct_pad = jnp.concatenate([ct_flat, jnp.zeros((1, d), ct_flat.dtype)])[src]  # zero on padding slots
+    tn = (((0,), (0,)), ((), ()))  # A^T B
+    nt = (((1,), (1,)), ((), ()))  # A B^T
+
+    def body(t, carry):
+        dx_pad, dwg, dwu, dwd = carry
+        r0 = t * tile
+        e = tile_e[t]
+        x_t = jax.lax.dynamic_slice_in_dim(x_pad, r0, tile)
+        dy_t = jax.lax.dynamic_slice_in_dim(ct_pad, r0, tile).astype(x_t.dtype)
+        a = jax.lax.dynamic_slice_in_dim(a_pad, r0, tile).astype(f32)
+        b = jax.lax.dynamic_slice_in_dim(b_pad, r0, tile).astype(f32)
+        sig = jax.nn.sigmoid(a)
+        silu = a * sig
+        h = (silu * b).astype(x_t.dtype)
+        dh = jax.lax.dot_general(dy_t, _take(wd, e), nt, preferred_element_type=f32)
+        da = (dh * b * (sig * (1 + a * (1 - sig)))).astype(x_t.dtype)
+        db = (dh * silu).astype(x_t.dtype)
+
+        def acc(w, g):
+            return jax.lax.dynamic_update_index_in_dim(w, _take(w, e) + g, e, 0)
+
+        dwd = acc(dwd, jax.lax.dot_general(h, dy_t, tn, preferred_element_type=f32))
+        dwg = acc(dwg, jax.lax.dot_general(x_t, da, tn, preferred_element_type=f32))
+        dwu = acc(dwu, jax.lax.dot_general(x_t, db, tn, preferred_element_type=f32))
+        dx_t = (jax.lax.dot_general(da, _take(wg, e), nt, preferred_element_type=f32)
+                + jax.lax.dot_general(db, _take(wu, e), nt, preferred_element_type=f32))
+        dx_pad = jax.lax.dynamic_update_slice_in_dim(dx_pad, dx_t, r0, 0)
+        return dx_pad, dwg, dwu, dwd
+
+    init = (jnp.zeros((P, d), f32), jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32), jnp.zeros(wd.shape, f32))
+    dx_pad, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
+    dx = dx_pad[dest_nk].sum(1)  # each token's K routed rows
+    return (dx.astype(x_nd.dtype), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype),
+            None, None, None, None)
+
+
+_tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)
+
+
+def dispatch_sorted_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
+    """Rows grouped by expert and padded per expert to whole tiles; a loop over the used tiles does one
+    [tile, d] x [d, F] (gate, up) and [tile, F] x [F, d] (down) matmul with that tile's expert's weights, sliced in
+    place. Only routed rows plus < 1 tile of padding per expert are computed; unused tiles of the static bound are
+    skipped. Custom VJP: the backward pass is the same loop (see _tiled_ffn_bwd)."""
+    src, dest_nk, tile_e, n_used = _tile_layout(idx_nk, wg.shape[0], tile)
+    y_nkd = _tiled_ffn(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used)
+    return jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), w_nk)
 
 
 def resolve_dispatch(name: str) -> str:
