@@ -153,3 +153,20 @@ def test_bf16_compute_runs_and_tracks_fp32(tiny):
     a, b = np.asarray(out.logits), np.asarray(o16.logits, np.float32)
     per_pos = np.sqrt(np.mean((a - b) ** 2, -1) / np.mean(a ** 2, -1))
     assert np.isfinite(b).all() and np.median(per_pos) < 0.05, per_pos
+
+
+def test_greedy_generate_equals_argmax_of_full_forward(tiny):
+    """Each greedily generated token is the argmax of a full (uncached, naive) forward over the sequence so far."""
+    variables, tokens, _ = tiny
+    prompt = np.asarray(tokens[0, :5])
+    new = generate.generate(CFG, variables, prompt, max_new_tokens=4)
+    seq = list(prompt)
+    fwd = jax.jit(Transformer(CFG).apply)
+    for t in new:
+        logits = fwd(variables, jnp.asarray([seq + [0] * (9 - len(seq))]))  # fixed shape; causal => padding unseen
+        assert int(jnp.argmax(logits.logits[0, len(seq) - 1])) == int(t)
+        seq.append(int(t))
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate.generate(CFG, variables, [], 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate.generate(CFG, variables, [CFG.vocab_size], 3)
