@@ -44,7 +44,11 @@ def linear(x: jax.Array, kernel: jax.Array, dtype="float32", dot_general: Option
     """x[..., in] @ kernel[in, out] in ``dtype`` through the policy's dot_general."""
     dt = dtype_of(dtype)
     dot = dot_general or jax.lax.dot_general
-    return dot(x.astype(dt), kernel.astype(dt), (((x.ndim - 1,), (0,)), ((), ())))
+    # Flatten leading axes to one 2-D GEMM: XLA:CPU's backward of a 3-D dot_general (the weight gradient
+    # contracts over batch and sequence) ran ~1.7x slower than the 2-D one here.
+    lead = x.shape[:-1]
+    y = dot(x.reshape(-1, x.shape[-1]).astype(dt), kernel.astype(dt), (((1,), (0,)), ((), ())))
+    return y.reshape(*lead, kernel.shape[-1])
 
 
 class Kernel(nn.Module):
