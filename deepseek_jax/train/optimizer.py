@@ -1,0 +1,269 @@
+"""AdamW and the paper's schedules (V3 §4.2, PAPER.md "Pre-training recipe").
+
+Optimizer (``make_optimizer``), in this order on the fp32 gradient of the global batch:
+  1. clip to global norm ``clip_norm`` (1.0), BEFORE Adam, as torch's clip_grad_norm_ + AdamW;
+  2. Adam moments with b1 = 0.9, b2 = 0.95, eps = 1e-8 (the paper does not state eps; 1e-8 is the optax/torch
+     default and Megatron's); with ``bf16_moments`` both moments are STORED in bf16 (V3 §3.3: "AdamW moments
+     BF16") while the update itself is computed in fp32 (``scale_by_adam_bf16``);
+  3. decoupled weight decay 0.1 (update += wd * param, later multiplied by the learning rate, as torch's AdamW),
+     applied through ``decay_mask``: every matrix is decayed (attention and FFN kernels, routed and shared experts,
+     the router kernel, MTP's eh_proj, the embedding table and the output head), while RMSNorm gains
+     (parameters named ``scale``) and any other 1-D parameter are not. Norm gains multiply a normalised vector:
+     decaying them towards 0 only fights the loss without regularising anything (GPT-3/Megatron practice, which
+     DeepSeek's stack descends from); the paper does not say, so this is our choice. Scanned stacks carry a
+     leading "layers" axis, so norm gains are 2-D there: the mask goes by name first, then by rank.
+     The router bias is not a parameter at all (its own "router" collection), so it never meets the optimizer;
+  4. times -lr(step), with ``step`` passed explicitly to ``update`` (``opt.update(g, s, p, step=state.step)``):
+     one clock, the train state's step (batches consumed), drives the learning rate, lambda and gamma alike.
+     Adam's bias correction keeps its own count of updates actually made.
+
+Schedules are pure functions of the step (``lr_schedule``) or of tokens seen (``batch_size_at``), and the
+``paper_*`` helpers map the paper's token fractions of its 14.8T-token run onto a run of ``total_steps`` steps,
+assuming a constant number of tokens per step (the batch ramp covers only 469B/14.8T = 3.2% of the paper's
+tokens, so this is close; a loop that ramps the batch may prefer to drive the clock by tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[Any], jax.Array]
+
+# The paper's run, in tokens (V3 §4.2): constant LR to 10T, cosine over 4.3T, 333B at 2.2e-5, last 167B at 7.3e-6.
+PAPER_TOTAL_TOKENS = 14.8e12
+PAPER_CONSTANT_END_TOKENS = 10.0e12      # end of the constant phase (warmup included)
+PAPER_COSINE_TOKENS = 4.3e12
+PAPER_STAGE1_TOKENS = 333e9
+PAPER_STAGE2_TOKENS = 167e9
+PAPER_PEAK_LR = 2.2e-4
+PAPER_COSINE_END_LR = 2.2e-5             # = 0.1 * peak
+PAPER_FINAL_LR = 7.3e-6
+PAPER_WARMUP_STEPS = 2000
+PAPER_GAMMA_ZERO_TOKENS = 14.3e12        # gamma = 0.001 up to here, 0 for the last 500B
+PAPER_LAMBDA_SWITCH_TOKENS = 10.0e12     # MTP lambda 0.3 up to here, 0.1 after
+# Warmup is capped at this fraction of a short run: the paper's 2000 steps are ~0.8% (calc) of its ~240K steps
+# (469B tokens at a mean batch of 9216 x 4K, then 14.33T at 15360 x 4K). 1% is this project's choice.
+WARMUP_MAX_FRACTION = 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning rate
+# ---------------------------------------------------------------------------------------------------------------
+def lr_schedule(peak_lr: float, warmup_steps: int, constant_steps: int, cosine_steps: int, cosine_end_lr: float,
+                final_stages: Sequence[Tuple[int, float]] = ()) -> Schedule:
+    """lr(step), jittable. Phases, with boundaries b1 = W, b2 = W + C, b3 = W + C + Cs:
+
+      [0, b1)    linear warmup  peak * step / W   (0 at step 0, peak at step W; W = 0 skips the phase)
+      [b1, b2)   constant peak
+      [b2, b3)   cosine  end + (peak - end) * (1 + cos(pi * (step - b2) / Cs)) / 2   (midpoint = (peak + end) / 2)
+      [b3, ...)  the constant stages [(n_steps, value), ...] in order; after the last one its value holds
+                 (with no stages, ``cosine_end_lr`` holds).
+    """
+    for name, v in (("warmup_steps", warmup_steps), ("constant_steps", constant_steps),
+                    ("cosine_steps", cosine_steps)):
+        if int(v) != v or v < 0:
+            raise ValueError(f"lr_schedule: {name} must be a non-negative int, got {v!r}")
+    stages = [(int(n), float(v)) for n, v in final_stages]
+    if any(n < 0 for n, _ in stages):
+        raise ValueError(f"lr_schedule: final_stages lengths must be >= 0, got {final_stages!r}")
+    peak, end = float(peak_lr), float(cosine_end_lr)
+    W, C, Cs = int(warmup_steps), int(constant_steps), int(cosine_steps)
+    b2, b3 = W + C, W + C + Cs
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = peak * s / max(W, 1)
+        frac = jnp.clip((s - b2) / max(Cs, 1), 0.0, 1.0)
+        cos = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        lr = jnp.where(s < W, warm, jnp.where(s < b2, peak, cos))
+        start = b3
+        for n, v in stages:
+            lr = jnp.where(s >= start, v, lr)
+            start += n
+        return lr.astype(jnp.float32)
+
+    return schedule
+
+
+def paper_lr_phases(total_steps: int, peak_lr: float = PAPER_PEAK_LR, warmup_steps: int = PAPER_WARMUP_STEPS,
+                    cosine_end_lr: Optional[float] = None, final_lr: Optional[float] = None) -> dict:
+    """The paper's LR phases mapped onto ``total_steps`` (fractions of 14.8T tokens = fractions of steps).
+
+    warmup   min(warmup_steps, max(1, round(1% of total_steps))): the paper's 2000 steps at paper scale, scaled
+             down for short runs (2000 warmup steps would swallow a 3000-step ablation)
+    constant up to round(total * 10/14.8) steps (warmup included, as in the paper: "constant until 10T")
+    cosine   round(total * 4.3/14.8) steps, peak -> cosine_end_lr (default 0.1 * peak: 2.2e-4 -> 2.2e-5)
+    stages   round(total * 0.333/14.8) steps at cosine_end_lr, then the rest at final_lr (default
+             peak * 7.3e-6/2.2e-4); the lengths add up to total_steps exactly.
+    Returns the keyword arguments of ``lr_schedule``.
+    """
+    total = int(total_steps)
+    if total < 1:
+        raise ValueError(f"paper_lr_phases: total_steps must be >= 1, got {total_steps!r}")
+    peak = float(peak_lr)
+    end = PAPER_COSINE_END_LR / PAPER_PEAK_LR * peak if cosine_end_lr is None else float(cosine_end_lr)
+    final = PAPER_FINAL_LR / PAPER_PEAK_LR * peak if final_lr is None else float(final_lr)
+    frac = lambda tokens: tokens / PAPER_TOTAL_TOKENS
+    warm = min(int(warmup_steps), max(1, round(WARMUP_MAX_FRACTION * total)))
+    const_end = max(warm, round(total * frac(PAPER_CONSTANT_END_TOKENS)))
+    cos_end = min(total, max(const_end, round(total * frac(PAPER_CONSTANT_END_TOKENS + PAPER_COSINE_TOKENS))))
+    s1_end = min(total, max(cos_end, round(total * frac(PAPER_CONSTANT_END_TOKENS + PAPER_COSINE_TOKENS
+                                                       + PAPER_STAGE1_TOKENS))))
+    return {"peak_lr": peak, "warmup_steps": warm, "constant_steps": const_end - warm,
+            "cosine_steps": cos_end - const_end, "cosine_end_lr": end,
+            "final_stages": [(s1_end - cos_end, end), (max(0, total - s1_end), final)]}
+
+
+def paper_lr_schedule(total_steps: int, peak: float = PAPER_PEAK_LR,
+                      warmup_steps: int = PAPER_WARMUP_STEPS) -> Schedule:
+    """``lr_schedule`` with the paper's phases on ``total_steps`` (see ``paper_lr_phases``)."""
+    return lr_schedule(**paper_lr_phases(total_steps, peak, warmup_steps))
+
+
+def schedule_from_config(opt_cfg) -> Schedule:
+    """lr(step) from a train config's ``optim`` block (peak_lr, warmup_steps, constant_steps, cosine_steps,
+    cosine_end_lr, final_stages)."""
+    return lr_schedule(opt_cfg.peak_lr, opt_cfg.warmup_steps, opt_cfg.constant_steps, opt_cfg.cosine_steps,
+                       opt_cfg.cosine_end_lr, [tuple(s) for s in opt_cfg.final_stages])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gamma (bias update speed) and MTP lambda: step functions
+# ---------------------------------------------------------------------------------------------------------------
+def step_function(before: float, after: float, switch_step: Optional[int]) -> Schedule:
+    """value(step) = before for step < switch_step, after from switch_step on (before forever if None)."""
+    before, after = float(before), float(after)
+    if switch_step is None:
+        return lambda step: jnp.asarray(before, jnp.float32)
+    return lambda step: jnp.where(jnp.asarray(step) < switch_step, before, after).astype(jnp.float32)
+
+
+def paper_gamma_switch_step(total_steps: int) -> int:
+    """First step with gamma = 0: the last 500B of 14.8T tokens (V3 §4.2) -> round(total * 14.3/14.8)."""
+    return round(int(total_steps) * PAPER_GAMMA_ZERO_TOKENS / PAPER_TOTAL_TOKENS)
+
+
+def paper_lambda_switch_step(total_steps: int) -> int:
+    """First step with MTP lambda = 0.1: after the first 10T of 14.8T tokens -> round(total * 10/14.8)."""
+    return round(int(total_steps) * PAPER_LAMBDA_SWITCH_TOKENS / PAPER_TOTAL_TOKENS)
+
+
+def gamma_schedule(total_steps: int, gamma: float = 0.001) -> Schedule:
+    return step_function(gamma, 0.0, paper_gamma_switch_step(total_steps))
+
+
+def lambda_schedule(total_steps: int, lambda_: float = 0.3, lambda_after: float = 0.1) -> Schedule:
+    return step_function(lambda_, lambda_after, paper_lambda_switch_step(total_steps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch-size ramp
+# ---------------------------------------------------------------------------------------------------------------
+def batch_size_at(tokens_seen: float, start: int = 3072, end: int = 15360, ramp_tokens: float = 469e9,
+                  multiple: int = 1) -> int:
+    """Global batch size (sequences) after ``tokens_seen`` training tokens (V3 §4.2: 3072 -> 15360 over the first
+    469B tokens). The paper does not give the ramp's shape; ours is linear in tokens seen,
+    start + (end - start) * min(1, tokens_seen / ramp_tokens), rounded DOWN to a multiple of ``multiple`` (the
+    micro-batch times the data-parallel size, so every step is a whole number of micro-batches). ``start`` and
+    ``end`` must themselves be multiples, so both endpoints are exact. Host-side Python (a batch size is a
+    static shape): each distinct value is a new compiled step, so pick ``multiple`` with that in mind.
+    """
+    start, end, multiple = int(start), int(end), int(multiple)
+    if multiple < 1 or start < 1 or end < 1:
+        raise ValueError(f"batch_size_at: start, end and multiple must be positive, got {start}, {end}, {multiple}")
+    if start % multiple or end % multiple:
+        raise ValueError(f"batch_size_at: start={start} and end={end} must be multiples of multiple={multiple}")
+    frac = 1.0 if ramp_tokens <= 0 else min(1.0, max(0.0, float(tokens_seen) / float(ramp_tokens)))
+    bs = start + (end - start) * frac
+    return max(multiple, int(math.floor(bs / multiple + 1e-9)) * multiple)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------------------------
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def decay_mask(params) -> Any:
+    """True where weight decay applies: every parameter except RMSNorm gains (named ``scale``, 1-D per layer,
+    2-D in scanned stacks) and other 1-D parameters."""
+    def decide(path, leaf):
+        return not (_key_name(path[-1]) == "scale" or jnp.ndim(leaf) <= 1)
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def scale_by_adam_bf16(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                       moment_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+    """Adam's direction with both moments STORED in ``moment_dtype`` (V3 §3.3: BF16) and computed in fp32:
+    m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2 (fp32, from the stored moments), update = m_hat / (sqrt(v_hat)
+    + eps) with bias correction, then m, v rounded to bf16 for storage. (optax's ``mu_dtype`` covers m only.)
+    bf16 keeps fp32's exponent range, so small v do not underflow; its 8-bit significand is ample for b2 = 0.95
+    (each step moves v by 5% of the gap), less so for b2 near 1."""
+    md = jnp.dtype(moment_dtype)
+
+    def init(params):
+        z = lambda p: jnp.zeros(jnp.shape(p), md)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree_util.tree_map(z, params),
+                                      nu=jax.tree_util.tree_map(z, params))
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        c = count.astype(jnp.float32)
+        bc1, bc2 = 1.0 - b1 ** c, 1.0 - b2 ** c
+        f32 = jnp.float32
+        mu = jax.tree_util.tree_map(lambda m, g: b1 * m.astype(f32) + (1 - b1) * g.astype(f32), state.mu, updates)
+        nu = jax.tree_util.tree_map(lambda v, g: b2 * v.astype(f32) + (1 - b2) * jnp.square(g.astype(f32)),
+                                    state.nu, updates)
+        out = jax.tree_util.tree_map(lambda m, v, g: ((m / bc1) / (jnp.sqrt(v / bc2) + eps)).astype(g.dtype),
+                                     mu, nu, updates)
+        cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(md), t)
+        return out, optax.ScaleByAdamState(count=count, mu=cast(mu), nu=cast(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
+def scale_by_lr_at_step(schedule: Schedule) -> optax.GradientTransformationExtraArgs:
+    """updates * -schedule(step), with ``step`` an explicit keyword of ``update`` (no hidden counter)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, step=None, **extra):
+        del params, extra
+        if step is None:
+            raise ValueError("this optimizer needs the step: opt.update(grads, opt_state, params, step=step)")
+        lr = schedule(step)
+        return jax.tree_util.tree_map(lambda u: (-lr * u).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(opt_cfg, schedule: Optional[Schedule] = None) -> optax.GradientTransformationExtraArgs:
+    """clip(global norm) -> Adam (fp32 or bf16 moments) -> decoupled weight decay (masked) -> * -lr(step).
+
+    ``opt_cfg``: a train config's ``optim`` block (b1, b2, eps, weight_decay, clip_norm, bf16_moments and the LR
+    phase fields); ``schedule`` defaults to ``schedule_from_config(opt_cfg)``. Call ``update`` with ``step=``.
+    """
+    schedule = schedule or schedule_from_config(opt_cfg)
+    parts = []
+    if opt_cfg.clip_norm is not None and opt_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(opt_cfg.clip_norm)))
+    if opt_cfg.bf16_moments:
+        parts.append(scale_by_adam_bf16(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps))
+    else:
+        parts.append(optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps))
+    if opt_cfg.weight_decay:
+        parts.append(optax.add_decayed_weights(float(opt_cfg.weight_decay), mask=decay_mask))
+    parts.append(scale_by_lr_at_step(schedule))
+    return optax.chain(*parts)

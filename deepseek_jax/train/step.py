@@ -1,0 +1,374 @@
+"""One training step as a pure function: ``train_step(state, batch) -> (state, metrics)``, and the eval step.
+
+Loss (V3 §2.1.2, §2.2):  L = CE + L_MTP + L_Bal, with
+  CE     mean next-token cross-entropy over the valid targets of the global batch,
+  L_MTP  (lambda / D) * sum_k CE_k                        (eq. 25; lambda from its schedule at ``state.step``)
+  L_Bal  alpha * mean over MoE layers (main and MTP) and sequences of sum_i f_i P_i    (eqs. 17-20)
+
+Gradient accumulation: ``batch["tokens"]`` is [n_micro, b, T+1] (or [B, T+1] = one micro-batch); a ``lax.scan``
+runs forward+backward per micro-batch and sums fp32 gradients. Every micro-batch's loss is normalised by the token
+count (and sequence count) of the WHOLE global batch, so n micro-batches of b are the same step as one batch of
+n*b, up to summation order.
+
+Aux-loss-free balancing (V3 §2.1.2, PAPER.md "Balancing"): after the optimizer step, every MoE layer's bias moves
+by b_i += gamma * sign(mean_j load_j - load_i), with load the number of routed tokens per expert over the whole
+global batch (summed over micro-batches), per layer; the MTP modules' MoE layers have their own biases, updated from
+their own loads. The bias lives in the "router" collection, is never seen by the optimizer (no decay, no moments)
+and only steers expert selection (the model uses it for top-k, never for the gate weights).
+
+Non-finite loss, gradient or update: the step is skipped — params, opt_state and router stay as they were —
+``state.skipped`` counts it, ``metrics["nonfinite"]`` is 1, and ``state.step`` still advances (it counts batches
+consumed, so schedules stay aligned with the data and a resumed run replays the same sequence). Whether to go on
+or stop is the loop's decision (``train_cfg.nonfinite``: "skip" | "stop"); the step itself never applies a
+non-finite update either way.
+
+No RNG in the state: DeepSeek-V3 trains without dropout, so the step is deterministic given (state, batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from ml_collections import config_dict
+
+from deepseek_jax import model as model_lib
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.train import losses
+from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, PAPER_WARMUP_STEPS, make_optimizer, paper_gamma_switch_step,
+                                          paper_lambda_switch_step, paper_lr_phases, schedule_from_config,
+                                          step_function)
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+def paper_schedule_fields(total_steps: int, peak_lr: float = PAPER_PEAK_LR,
+                          warmup_steps: int = PAPER_WARMUP_STEPS) -> Dict[str, Dict[str, Any]]:
+    """The step-valued fields of the paper's recipe for a run of ``total_steps`` steps (token fractions of 14.8T ->
+    step fractions): {"optim": LR phases, "balance": {gamma_zero_after_step}, "mtp": {lambda_switch_step}}."""
+    ph = paper_lr_phases(total_steps, peak_lr, warmup_steps)
+    return {"optim": ph, "balance": {"gamma_zero_after_step": paper_gamma_switch_step(total_steps)},
+            "mtp": {"lambda_switch_step": paper_lambda_switch_step(total_steps)}}
+
+
+def default_train_config(total_steps: int = 1000, peak_lr: float = PAPER_PEAK_LR,
+                         warmup_steps: int = PAPER_WARMUP_STEPS) -> ml_collections.ConfigDict:
+    """The paper's pre-training recipe (V3 §4.2) mapped onto ``total_steps`` steps.
+
+    total_steps                 int
+    nonfinite                   "skip" (count and go on) | "stop" (the loop stops); the step skips either way
+    optim.peak_lr               2.2e-4
+    optim.warmup_steps          min(2000, max(1, 1% of total_steps)); lr = peak * step / warmup_steps
+    optim.constant_steps        constant peak up to 10/14.8 of the run (warmup included)
+    optim.cosine_steps          4.3/14.8 of the run, cosine peak -> cosine_end_lr
+    optim.cosine_end_lr         2.2e-5 (0.1 * peak)
+    optim.final_stages          [(n, 2.2e-5), (rest, 7.3e-6)]: 0.333/14.8 of the run, then the last 0.167/14.8
+    optim.b1, b2, eps           0.9, 0.95, 1e-8 (eps not stated in the paper)
+    optim.weight_decay          0.1 (not on norm gains / 1-D params: optimizer.decay_mask)
+    optim.clip_norm             1.0 (global norm, before Adam; 0 or None disables)
+    optim.bf16_moments          False (True: both Adam moments stored in bf16, as the paper)
+    balance.gamma               0.001 (bias update speed)
+    balance.gamma_zero_after_step  first step with gamma = 0: 14.3/14.8 of the run (None: never)
+    balance.alpha               1e-4 (sequence-wise balance loss weight; 0 disables the term)
+    balance.bias_update         True (aux-loss-free bias update; False freezes the bias)
+    mtp.lambda_                 0.3
+    mtp.lambda_after            0.1
+    mtp.lambda_switch_step      first step with lambda_after: 10/14.8 of the run (None: never)
+
+    The step-valued fields are concrete ints: a config that changes ``total_steps`` should rebuild them
+    (``default_train_config(new_total)`` or ``paper_schedule_fields``), or set them by hand.
+    """
+    f = paper_schedule_fields(total_steps, peak_lr, warmup_steps)
+    c = ml_collections.ConfigDict()
+    c.total_steps = int(total_steps)
+    c.nonfinite = "skip"
+    c.optim = ml_collections.ConfigDict(dict(
+        peak_lr=float(f["optim"]["peak_lr"]), warmup_steps=f["optim"]["warmup_steps"],
+        constant_steps=f["optim"]["constant_steps"], cosine_steps=f["optim"]["cosine_steps"],
+        cosine_end_lr=float(f["optim"]["cosine_end_lr"]),
+        final_stages=[tuple(s) for s in f["optim"]["final_stages"]],
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0, bf16_moments=False))
+    c.balance = ml_collections.ConfigDict()
+    c.balance.gamma = 0.001
+    c.balance.gamma_zero_after_step = config_dict.placeholder(int)
+    c.balance.gamma_zero_after_step = f["balance"]["gamma_zero_after_step"]
+    c.balance.alpha = 1e-4
+    c.balance.bias_update = True
+    c.mtp = ml_collections.ConfigDict()
+    c.mtp.lambda_ = 0.3
+    c.mtp.lambda_after = 0.1
+    c.mtp.lambda_switch_step = config_dict.placeholder(int)
+    c.mtp.lambda_switch_step = f["mtp"]["lambda_switch_step"]
+    return c
+
+
+def validate_train_config(tc) -> None:
+    """Raise ValueError naming the field for a bad train config."""
+    def check(ok, field, rule):
+        if not ok:
+            raise ValueError(f"train config {field}: {rule}")
+    check(tc.nonfinite in NONFINITE_POLICIES, "nonfinite", f"must be one of {NONFINITE_POLICIES}, got {tc.nonfinite!r}")
+    o = tc.optim
+    check(o.peak_lr >= 0, "optim.peak_lr", f"must be >= 0, got {o.peak_lr}")
+    check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", f"must be in [0, 1), got {o.b1}, {o.b2}")
+    check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    b = tc.balance
+    check(b.gamma >= 0, "balance.gamma", f"must be >= 0, got {b.gamma}")
+    check(b.alpha >= 0, "balance.alpha", f"must be >= 0, got {b.alpha}")
+    check(tc.mtp.lambda_ >= 0 and tc.mtp.lambda_after >= 0, "mtp.lambda_/lambda_after", "must be >= 0")
+
+
+class Schedules(NamedTuple):
+    """Pure functions of the step: learning rate, MTP lambda, bias-update gamma."""
+    lr: Callable
+    lam: Callable
+    gamma: Callable
+
+
+def schedules_from_config(tc) -> Schedules:
+    return Schedules(lr=schedule_from_config(tc.optim),
+                     lam=step_function(tc.mtp.lambda_, tc.mtp.lambda_after, tc.mtp.lambda_switch_step),
+                     gamma=step_function(tc.balance.gamma, 0.0, tc.balance.gamma_zero_after_step))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+    """step     int32: batches consumed (skipped ones included); the clock of every schedule
+    params   the "params" collection (fp32 master weights)
+    opt_state  the optax state of ``make_optimizer(train_cfg.optim)`` (moments of params only)
+    router   the "router" collection: the aux-loss-free bias of every MoE layer (fp32, outside the optimizer)
+    skipped  int32: steps skipped for a non-finite loss/gradient/update"""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    router: Any
+    skipped: jax.Array
+
+
+def init_train_state(model_cfg: ModelConfig, train_cfg, rng: jax.Array, seq_len: Optional[int] = None,
+                     variables: Optional[Dict[str, Any]] = None) -> TrainState:
+    """Fresh state: model.init (init std from the config, 0.006 for V3), zero router bias, zero Adam moments.
+    ``variables`` ({"params", "router"}, e.g. from hf.load_pretrained) replaces model.init (``rng`` is then
+    unused)."""
+    if variables is None:
+        variables = model_lib.init(model_cfg, rng, seq_len)
+    params, router = variables["params"], variables.get("router", {})
+    opt_state = jax.jit(make_optimizer(train_cfg.optim).init)(params)  # jitted: eager init compiles per leaf
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state, router=router,
+                      skipped=jnp.zeros([], jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aux-loss-free bias update
+# ---------------------------------------------------------------------------------------------------------------
+def bias_update(bias: jax.Array, load: jax.Array, gamma) -> jax.Array:
+    """b_i += gamma * sign(mean_j load_j - load_i) along the last (expert) axis, independently for every leading
+    (layer) index: an over-loaded expert's bias drops by exactly gamma, an under-loaded one's rises by gamma, an
+    expert at exactly the mean load keeps its bias. ``load``: routed-token counts of the whole global batch."""
+    load = load.astype(jnp.float32)
+    err = load.mean(-1, keepdims=True) - load
+    return (bias.astype(jnp.float32) + jnp.asarray(gamma, jnp.float32) * jnp.sign(err)).astype(bias.dtype)
+
+
+def update_router_bias(router, loads: Dict[str, jax.Array], gamma) -> Any:
+    """Apply ``bias_update`` to the whole "router" collection: router["moe_layers"]["mlp"]["bias"] [L, E] from
+    loads["moe"] [L, E], and router[f"mtp_{k}"]["block"]["mlp"]["bias"] [E] from loads["mtp"][k]. Raises on a
+    router entry it does not know, so a model change cannot leave a bias silently frozen."""
+    new = {}
+    for name, sub in router.items():
+        if name == "moe_layers":
+            new[name] = {"mlp": {"bias": bias_update(sub["mlp"]["bias"], loads["moe"], gamma)}}
+        elif name.startswith("mtp_"):
+            k = int(name[len("mtp_"):])
+            if loads.get("mtp") is None:  # MTP did not run (sequence too short): nothing to learn from
+                new[name] = sub
+                continue
+            new[name] = {"block": {"mlp": {"bias": bias_update(sub["block"]["mlp"]["bias"], loads["mtp"][k],
+                                                               gamma)}}}
+        else:
+            raise ValueError(f"update_router_bias: unknown router entry {name!r}")
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------------------------
+def _micro_batches(batch) -> Tuple[jax.Array, jax.Array]:
+    tokens = jnp.asarray(batch["tokens"])
+    if tokens.ndim == 2:
+        tokens = tokens[None]
+    if tokens.ndim != 3:
+        raise ValueError(f"batch['tokens']: expected [n_micro, b, T+1] or [B, T+1], got shape {tokens.shape}")
+    mask = batch.get("mask")
+    if mask is None:
+        mask = jnp.ones(tokens.shape[:2] + (tokens.shape[2] - 1,), jnp.float32)
+    else:
+        mask = jnp.asarray(mask).astype(jnp.float32).reshape(tokens.shape[:2] + (tokens.shape[2] - 1,))
+    return tokens.astype(jnp.int32), mask
+
+
+def _tree_where(ok, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, Dict[str, jax.Array]],
+                                                                   Tuple[TrainState, Dict[str, jax.Array]]]:
+    """``train_step(state, batch) -> (state, metrics)``: pure, jittable (jit it with ``donate_argnums=0``).
+
+    batch: {"tokens": int [n_micro, b, T+1] or [B, T+1], "mask": optional [.., T] (1 = valid target)}.
+    metrics (fp32):
+      loss            ce + mtp_loss + balance_loss
+      ce              mean next-token CE;  mtp_loss  (lambda/D) sum_k CE_k;  mtp_ce [D]  the CE_k
+      balance_loss    alpha * mean_{layers, sequences} sum_i f_i P_i
+      grad_norm       global norm before clipping;  lr, lambda_, gamma  the schedules' values at this step
+      expert_load     [L, E] fraction of each layer's routed tokens per expert (global batch)
+      max_vio_batch   MaxVio of this batch, mean over the main model's MoE layers;  max_vio_layers [L]
+      mtp_expert_load [D, E], mtp_max_vio [D]   the same for the MTP modules (when D > 0)
+      bias_norm       L2 norm of the whole router collection after the update
+      tokens          valid target tokens in the batch
+      nonfinite       1 if this step was skipped;  skipped  the running count
+    """
+    validate_train_config(train_cfg)
+    net = model_lib.Transformer(model_cfg)
+    opt = make_optimizer(train_cfg.optim)
+    sch = schedules_from_config(train_cfg)
+    alpha = float(train_cfg.balance.alpha)
+    bias_on = bool(train_cfg.balance.bias_update)
+    K = model_cfg.num_experts_per_tok
+
+    def train_step(state: TrainState, batch):
+        tokens, mask = _micro_batches(batch)
+        n_micro, b, T1 = tokens.shape
+        T = T1 - 1
+        D = model_cfg.num_nextn_predict_layers if T > model_cfg.num_nextn_predict_layers else 0
+        step = state.step
+        lr, lam, gamma = sch.lr(step), sch.lam(step), sch.gamma(step)
+        n_tokens = mask.sum()
+        count = jnp.maximum(n_tokens, 1.0)
+        mtp_counts = jnp.stack([jnp.maximum(mask[..., k:].sum(), 1.0) for k in range(1, D + 1)]) if D else None
+        n_seq = n_micro * b
+
+        def loss_fn(params, tok, m):
+            out = net.apply({"params": params, "router": state.router}, tok[:, :-1])
+            ce_sum, _ = losses.cross_entropy(out.logits, tok[:, 1:], m)
+            loss = ce_sum / count
+            aux = {"ce_sum": ce_sum}
+            if D:
+                mtp_sums = jnp.stack([losses.cross_entropy(lk, *losses.mtp_targets(tok, m, k))[0]
+                                      for k, lk in enumerate(out.mtp_logits, start=1)])
+                mtp_term = lam / D * (mtp_sums / mtp_counts).sum()
+                loss = loss + mtp_term
+                aux["mtp_sums"], aux["mtp_term"] = mtp_sums, mtp_term
+            terms = []
+            if "moe" in out.aux:
+                aux["load_moe"] = out.aux["moe"]["load"]
+                terms.append(losses.sequence_balance_terms(out.aux["moe"]["seq_counts"],
+                                                           out.aux["moe"]["seq_probs"], K, T))
+            if "mtp" in out.aux:
+                aux["load_mtp"] = out.aux["mtp"]["load"]
+                for k in range(out.aux["mtp"]["load"].shape[0]):
+                    terms.append(losses.sequence_balance_terms(out.aux["mtp"]["seq_counts"][k:k + 1],
+                                                               out.aux["mtp"]["seq_probs"][k:k + 1], K, T - k - 1))
+            if alpha > 0 and terms:
+                n_layers = sum(t.shape[0] for t in terms)
+                bal = alpha * sum(t.sum() for t in terms) / (n_layers * n_seq)
+                loss = loss + bal
+                aux["bal_term"] = bal
+            return loss, aux
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def body(acc, xs):
+            g_acc, l_acc = acc
+            (loss, aux), g = grad_fn(state.params, *xs)
+            g_acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
+            return (g_acc, l_acc + loss), aux
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, loss), auxs = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), (tokens, mask))
+        aux = jax.tree_util.tree_map(lambda x: x.sum(0), auxs)  # micro-batch sums: global-batch totals
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt_state = opt.update(grads, state.opt_state, state.params, step=step)
+        new_params = optax.apply_updates(state.params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+
+        loads = {"moe": aux.get("load_moe"), "mtp": aux.get("load_mtp")}
+        new_router = update_router_bias(state.router, loads, gamma) if bias_on else state.router
+        new_state = TrainState(step=step + 1,
+                               params=_tree_where(ok, new_params, state.params),
+                               opt_state=_tree_where(ok, new_opt_state, state.opt_state),
+                               router=_tree_where(ok, new_router, state.router),
+                               skipped=state.skipped + (~ok).astype(jnp.int32))
+
+        zero = jnp.zeros([], jnp.float32)
+        metrics = {
+            "loss": loss, "ce": aux["ce_sum"] / count,
+            "mtp_loss": aux.get("mtp_term", zero), "balance_loss": aux.get("bal_term", zero),
+            "grad_norm": grad_norm, "lr": lr, "lambda_": lam, "gamma": gamma,
+            "bias_norm": optax.global_norm(new_state.router) if new_state.router else zero,
+            "tokens": n_tokens, "nonfinite": (~ok).astype(jnp.float32),
+            "skipped": new_state.skipped.astype(jnp.float32),
+        }
+        if D:
+            metrics["mtp_ce"] = aux["mtp_sums"] / mtp_counts
+        for prefix, key in (("", "load_moe"), ("mtp_", "load_mtp")):
+            if key in aux:
+                load = aux[key]
+                metrics[prefix + "expert_load"] = load / jnp.maximum(load.sum(-1, keepdims=True), 1.0)
+                per_layer = losses.max_vio(load, per_layer=True)
+                if prefix:
+                    metrics["mtp_max_vio"] = per_layer
+                else:
+                    metrics["max_vio_batch"], metrics["max_vio_layers"] = per_layer.mean(), per_layer
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_cfg: ModelConfig) -> Callable[[Any, Any, Dict[str, jax.Array]], Dict[str, jax.Array]]:
+    """``eval_step(params, router, batch) -> sums`` for validation (jittable; the loop adds them up):
+
+      ce_sum, count         summed CE of the valid targets and their number (loss = ce_sum / count)
+      load [L, E]           routed tokens per expert of the main model's MoE layers (sum over the val set, then
+                            losses.max_vio -> MaxVio_global)
+      mtp_load [D, E], mtp_ce_sum [D], mtp_count [D]   the same for the MTP modules, when the model has them
+      bytes                 sum of batch["target_bytes"] over valid targets, when given (BPB = ce_sum / ln 2 / bytes)
+    batch tokens [B, T+1] or [n, b, T+1] (flattened)."""
+    net = model_lib.Transformer(model_cfg)
+
+    def eval_step(params, router, batch):
+        tokens, mask = _micro_batches(batch)
+        tokens = tokens.reshape(-1, tokens.shape[-1])
+        mask = mask.reshape(-1, mask.shape[-1])
+        out = net.apply({"params": params, "router": router}, tokens[:, :-1])
+        ce_sum, count = losses.cross_entropy(out.logits, tokens[:, 1:], mask)
+        res = {"ce_sum": ce_sum, "count": count}
+        res["load"] = (out.aux["moe"]["load"] if "moe" in out.aux
+                       else jnp.zeros((0, model_cfg.n_routed_experts), jnp.float32))
+        if out.mtp_logits:
+            sc = [losses.cross_entropy(lk, *losses.mtp_targets(tokens, mask, k))
+                  for k, lk in enumerate(out.mtp_logits, start=1)]
+            res["mtp_ce_sum"] = jnp.stack([s for s, _ in sc])
+            res["mtp_count"] = jnp.stack([c for _, c in sc])
+        if "mtp" in out.aux:
+            res["mtp_load"] = out.aux["mtp"]["load"]
+        if batch.get("target_bytes") is not None:
+            tb = jnp.asarray(batch["target_bytes"]).astype(jnp.float32).reshape(mask.shape)
+            res["bytes"] = (tb * mask).sum()
+        return res
+
+    return eval_step
