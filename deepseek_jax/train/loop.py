@@ -1,0 +1,315 @@
+"""The training driver: data -> train_step -> metrics -> checkpoints, with progress, validation and resume.
+
+``run(config)`` takes an ml_collections ConfigDict (see experiments/configs/quickstart.py for every field):
+
+  model.preset / model.overrides   the architecture (vocab and EOS come from the tokenizer)
+  data.*                           corpus, tokenizer, seq_len, batch_size, fim_rate, val_fraction, seed
+  train                            deepseek_jax.train.step.default_train_config(...) (recipe, schedules)
+  loop.*                           out_dir, ckpt_every, keep, eval_every, eval_batches, log_every, seed,
+                                   overwrite, sample_prompt, sample_tokens, grad_accum
+
+Guarantees:
+- Rerunning the same command resumes from the newest checkpoint that restores (a corrupt newest one is
+  skipped with a warning). Everything that determines the future is in the checkpoint: params, optimizer
+  state, router bias, step (the clock of every schedule), skipped-step count and the data iterator's state, so
+  a run killed at any point and restarted ends bitwise identical to an uninterrupted one.
+- SIGTERM / SIGINT finish the current step, write a checkpoint, and exit.
+- A non-finite loss or gradient never changes the state (train_step skips the update), so no checkpoint ever
+  holds one; with ``train.nonfinite = "stop"`` the run stops at once with a message and writes nothing.
+- An output directory created by a different config is refused unless ``loop.overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from deepseek_jax import config as config_lib
+from deepseek_jax import data as data_lib
+from deepseek_jax import generate as generate_lib
+from deepseek_jax.checkpoint import Checkpointer, abstract_like
+from deepseek_jax.metrics import MetricsWriter, bits_per_byte, read_jsonl, truncate_jsonl
+from deepseek_jax.train import losses
+from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step
+
+# Fields that may differ between a run and its resumption (they do not change the computation).
+_RESUMABLE_KEYS = ("loop.overwrite", "loop.progress", "loop.step_delay_s")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or must stop; the message says why and what to do."""
+
+
+def _code_version() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def machine_info() -> Dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()]}
+
+
+def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _comparable(cfg) -> Dict[str, Any]:
+    flat = json.loads(json.dumps(_flat(cfg), default=str))
+    return {k: v for k, v in flat.items() if k not in _RESUMABLE_KEYS}
+
+
+def _prepare_out_dir(cfg) -> str:
+    out = os.path.abspath(cfg.loop.out_dir)
+    path = os.path.join(out, "config.json")
+    mine = _comparable(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != mine:
+            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k, "<absent>") != mine.get(k, "<absent>"))
+            if not cfg.loop.overwrite:
+                shown = ", ".join(f"{k}: {theirs.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}"
+                                  for k in diff[:8])
+                raise RunError(f"output directory {out} was made by a different config ({shown}"
+                               f"{' ...' if len(diff) > 8 else ''}). Use another --config.loop.out_dir, or pass "
+                               f"--config.loop.overwrite=True to delete it and start over.")
+            shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(mine, f, indent=1, sort_keys=True)
+    return out
+
+
+def model_config(cfg, tokenizer) -> config_lib.ModelConfig:
+    overrides = dict(cfg.model.get("overrides", {}) or {})
+    overrides.update(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, bos_token_id=None)
+    return config_lib.preset(cfg.model.preset, **overrides)
+
+
+class _Stop:
+    """SIGTERM/SIGINT -> finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def evaluate(eval_step, state, batches, model_cfg) -> Dict[str, float]:
+    """Validation loss, bits per byte and MaxVio_global (loads summed over the whole validation set)."""
+    ce_sum = count = n_bytes = 0.0
+    load = None
+    for b in batches:
+        r = eval_step(state.params, state.router, {"tokens": b["tokens"], "mask": b["mask"]})
+        ce_sum += float(r["ce_sum"])
+        count += float(r["count"])
+        n_bytes += float(np.sum(b["target_bytes"]))
+        load = np.asarray(r["load"]) if load is None else load + np.asarray(r["load"])
+    out = {"loss": ce_sum / max(count, 1.0), "bpb": bits_per_byte(ce_sum, n_bytes), "tokens": count}
+    if load is not None and load.size:
+        out["max_vio_global"] = float(losses.max_vio(jnp.asarray(load)))
+    return out
+
+
+def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
+    out_dir = _prepare_out_dir(cfg)
+    # ---- data ----
+    docs = data_lib.load_corpus(cfg.data.corpus)
+    train_docs, val_docs = data_lib.split(docs, cfg.data.val_fraction)
+    fp = data_lib.fingerprint(docs)
+    tok = data_lib.get_tokenizer(cfg.data.tokenizer)
+    mcfg = model_config(cfg, tok)
+    it = data_lib.make_train_iterator(train_docs, tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                                      seed=cfg.data.seed, fim_rate=cfg.data.fim_rate, vocab_size=mcfg.vocab_size,
+                                      corpus_fingerprint=fp)
+    val_batches = data_lib.make_eval_batches(val_docs, tok, cfg.data.seq_len, cfg.data.batch_size,
+                                             max_batches=cfg.loop.eval_batches or None)
+    # ---- state ----
+    tc = cfg.train
+    total = int(tc.total_steps)
+    state = init_train_state(mcfg, tc, jax.random.PRNGKey(cfg.loop.seed), seq_len=cfg.data.seq_len)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep)
+    meta_base = {"config": _comparable(cfg), "model_config": mcfg.to_dict(), "corpus_fingerprint": fp,
+                 "corpus": {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
+                            "bytes": data_lib.total_bytes(docs)},
+                 "code_version": _code_version(), "machine": machine_info()}
+    restored = ckpt.restore_latest(abstract_like(state))
+    if restored is not None:
+        start, state, data_state, _ = restored
+        it.set_state(data_state)
+        print(f"resuming {out_dir} from step {start}")
+    else:
+        start = 0
+    writer = MetricsWriter(out_dir)
+    truncate_jsonl(writer.path, start)
+    val_writer = MetricsWriter(out_dir, "validation", tensorboard=False)
+    truncate_jsonl(val_writer.path, start)
+
+    n_micro = int(cfg.loop.grad_accum)
+    if cfg.data.batch_size % n_micro:
+        raise RunError(f"data.batch_size={cfg.data.batch_size} is not divisible by loop.grad_accum={n_micro}")
+    train_step = jax.jit(make_train_step(mcfg, tc), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(mcfg))
+
+    def save(step):
+        ckpt.save(step, state, it.get_state(), dict(meta_base, step=int(step)))
+
+    progress = None
+    if cfg.loop.get("progress", True):
+        from tqdm import tqdm
+        progress = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
+                        mininterval=1.0)
+    t_last, tokens_last = time.perf_counter(), 0
+    step = start
+    stopped_by = None
+    last_val = None
+    with _Stop() as stop:
+        if start == 0 and cfg.loop.eval_every:
+            last_val = evaluate(eval_step, state, val_batches, mcfg)
+            val_writer.write(0, last_val)
+        while step < total:
+            batch = next(it)
+            tokens = batch["tokens"].reshape(n_micro, -1, batch["tokens"].shape[-1])
+            state, m = train_step(state, {"tokens": tokens})
+            step += 1
+            if cfg.loop.get("step_delay_s", 0.0):  # test hook: widen the window for an external kill
+                jax.block_until_ready(m)
+                time.sleep(cfg.loop.step_delay_s)
+            if float(m["nonfinite"]) and tc.nonfinite == "stop":
+                raise RunError(f"step {step}: non-finite loss or gradient (loss={float(m['loss'])}, "
+                               f"grad_norm={float(m['grad_norm'])}); stopping without a checkpoint of this step "
+                               f"(train.nonfinite='stop'). The newest checkpoint is clean: {ckpt.steps()}")
+            tokens_last += int(np.prod(batch["tokens"][:, 1:].shape))
+            if step % cfg.loop.log_every == 0 or step == total:
+                now = time.perf_counter()
+                rec = {k: v for k, v in jax.device_get(m).items()}
+                rec["tokens_per_s"] = tokens_last / max(now - t_last, 1e-9)
+                rec["bpb_train"] = float(rec["ce"]) * float(np.prod(batch["tokens"][:, 1:].shape)) / (
+                    np.log(2) * max(float(np.sum(batch["target_bytes"])), 1.0))
+                writer.write(step, rec)
+                t_last, tokens_last = now, 0
+                if progress is not None:
+                    progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                         maxvio=f"{rec['max_vio_batch']:.2f}", refresh=False)
+            if progress is not None:
+                progress.update(1)
+            if cfg.loop.eval_every and (step % cfg.loop.eval_every == 0 or step == total):
+                last_val = evaluate(eval_step, state, val_batches, mcfg)
+                val_writer.write(step, last_val)
+                if progress is not None:
+                    progress.write(f"step {step}: val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}  "
+                                   f"MaxVio_global {last_val.get('max_vio_global', float('nan')):.3f}")
+            if step % cfg.loop.ckpt_every == 0 or step == total:
+                save(step)
+            if stop.requested:
+                stopped_by = stop.requested
+                if step % cfg.loop.ckpt_every and step != total:
+                    save(step)
+                break
+    if progress is not None:
+        progress.close()
+    writer.close()
+    val_writer.close()
+    ckpt.close()
+    summary = {"out_dir": out_dir, "step": step, "total_steps": total, "stopped_by": stopped_by,
+               "skipped_steps": int(state.skipped), "validation": last_val, **meta_base}
+    if stopped_by:
+        print(f"\n{stopped_by}: checkpoint written at step {step}; rerun the same command to resume.")
+        return summary
+    summary["sample"] = _sample(cfg, mcfg, state, tok)
+    summary["plots"] = plot_run(out_dir)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return summary
+
+
+def _sample(cfg, mcfg, state, tok) -> Optional[Dict[str, str]]:
+    prompt = cfg.loop.get("sample_prompt", "")
+    if not prompt or not cfg.loop.get("sample_tokens", 0):
+        return None
+    ids = tok.encode(prompt)
+    new = generate_lib.generate(mcfg, {"params": state.params, "router": state.router}, ids,
+                                max_new_tokens=int(cfg.loop.sample_tokens), temperature=0.0, eos_id=tok.eos_id)
+    return {"prompt": prompt, "completion": tok.decode(new)}
+
+
+def plot_run(out_dir: str) -> list:
+    """PNG plots of the training and validation curves, from the run's JSONL logs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    train = read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if os.path.exists(
+        os.path.join(out_dir, "metrics.jsonl")) else []
+    val_path = os.path.join(out_dir, "validation.jsonl")
+    val = read_jsonl(val_path) if os.path.exists(val_path) else []
+    if not train:
+        return paths
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    s = [r["step"] for r in train]
+    axes[0].plot(s, [r["ce"] for r in train], label="train CE")
+    if "mtp_loss" in train[0]:
+        axes[0].plot(s, [r["mtp_loss"] for r in train], label="MTP loss (x lambda)")
+    if val:
+        axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val CE")
+    axes[0].set_xlabel("step"); axes[0].set_ylabel("nats/token"); axes[0].legend(); axes[0].set_title("loss")
+    if val:
+        axes[1].plot([r["step"] for r in val], [r["bpb"] for r in val], "o-", label="val bits/byte")
+    axes[1].plot(s, [r["bpb_train"] for r in train], alpha=0.5, label="train bits/byte")
+    axes[1].set_xlabel("step"); axes[1].legend(); axes[1].set_title("bits per byte")
+    axes[2].plot(s, [r["max_vio_batch"] for r in train], label="MaxVio_batch")
+    if val and "max_vio_global" in val[0]:
+        axes[2].plot([r["step"] for r in val], [r["max_vio_global"] for r in val], "o-", label="MaxVio_global (val)")
+    axes[2].set_xlabel("step"); axes[2].legend(); axes[2].set_title("expert load imbalance")
+    fig.tight_layout()
+    p = os.path.join(out_dir, "curves.png")
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    return paths
