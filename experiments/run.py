@@ -37,7 +37,7 @@ def main(argv):
                       "max_vio_global": val.get("max_vio_global"), "skipped_steps": summary["skipped_steps"],
                       "corpus_fingerprint": summary["corpus_fingerprint"]}, indent=1))
     if summary.get("sample"):
-        print(f"\nsample (greedy) after {summary['sample']['prompt']!r}:\n{summary['sample']['completion']}")
+        print(f"\nsample (temperature 0.8, top-k 40) after {summary['sample']['prompt']!r}:\n{summary['sample']['completion']}")
 
 
 if __name__ == "__main__":

@@ -274,7 +274,9 @@ def _sample(cfg, mcfg, state, tok) -> Optional[Dict[str, str]]:
         return None
     ids = tok.encode(prompt)
     new = generate_lib.generate(mcfg, {"params": state.params, "router": state.router}, ids,
-                                max_new_tokens=int(cfg.loop.sample_tokens), temperature=0.0, eos_id=tok.eos_id)
+                                max_new_tokens=int(cfg.loop.sample_tokens),
+                                temperature=float(cfg.loop.get("sample_temperature", 0.8)), top_k=40,
+                                seed=int(cfg.loop.seed), eos_id=tok.eos_id)
     return {"prompt": prompt, "completion": tok.decode(new)}
 
 
