@@ -75,15 +75,8 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------------------------
 def machine_info():
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from deepseek_jax.metrics import cpu_model
+    cpu = cpu_model()
     try:
         git = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()

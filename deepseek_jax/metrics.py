@@ -10,6 +10,19 @@ from typing import Any, Dict, Mapping
 import numpy as np
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor() or "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
 def bits_per_byte(ce_sum_nats: float, n_bytes: float) -> float:
     """Total cross-entropy (nats, summed over predicted tokens) / (ln 2 * bytes those tokens represent): the
     paper's Pile metric, comparable across tokenizers."""

@@ -54,14 +54,7 @@ def loadavg():
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from deepseek_jax.metrics import cpu_model  # noqa: E402  (one definition for every result file)
 
 
 def git_rev():

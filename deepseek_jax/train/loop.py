@@ -40,7 +40,7 @@ from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax import generate as generate_lib
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
-from deepseek_jax.metrics import MetricsWriter, bits_per_byte, read_jsonl, truncate_jsonl
+from deepseek_jax.metrics import MetricsWriter, bits_per_byte, cpu_model, read_jsonl, truncate_jsonl
 from deepseek_jax.train import losses
 from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step
 
@@ -62,16 +62,7 @@ def _code_version() -> str:
 
 
 def machine_info() -> Dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
             "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()]}
 
