@@ -140,6 +140,16 @@ def _prose_documents() -> list[Document]:
     return [Document(f"pydoc_data/topics/{k}", topics.topics[k]) for k in sorted(topics.topics)]
 
 
+def _read_utf8(path: str, what: str):
+    """(raw bytes, decoded text) of a file; ValueError '<what> (<decode error>)' if it is not UTF-8."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return raw, raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} ({e})") from e
+
+
 def default_corpus(max_docs: int | None = None, max_bytes: int | None = None) -> list[Document]:
     """The built-in corpus (see the module docstring): stdlib code by path, then pydoc topics by key.
 
@@ -169,12 +179,7 @@ def default_corpus(max_docs: int | None = None, max_bytes: int | None = None) ->
         if full():
             return docs
         path = os.path.join(root, *rel.split("/"))
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"default corpus: {path} is not valid UTF-8 ({e})") from e
+        raw, text = _read_utf8(path, f"default corpus: {path} is not valid UTF-8")
         if _is_generated(text):
             continue
         if not add(Document(f"stdlib/{rel}", text), len(raw)):
@@ -232,12 +237,7 @@ def _load_text_files(spec: str) -> list[Document]:
         paths = [spec]
     docs = []
     for p in paths:
-        with open(p, "rb") as fh:
-            raw = fh.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"corpus: {p!r} is not a UTF-8 text file ({e})") from e
+        _, text = _read_utf8(p, f"corpus: {p!r} is not a UTF-8 text file")
         docs.append(Document(p, text))
     return docs
 

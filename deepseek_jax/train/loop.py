@@ -131,7 +131,7 @@ class _Stop:
             signal.signal(sig, h)
 
 
-def evaluate(eval_step, state, batches, model_cfg) -> Dict[str, float]:
+def evaluate(eval_step, state, batches) -> Dict[str, float]:
     """Validation loss, bits per byte and MaxVio_global (loads summed over the whole validation set)."""
     ce_sum = count = n_bytes = 0.0
     load = None
@@ -201,7 +201,7 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     last_val = None
     with _Stop() as stop:
         if start == 0 and cfg.loop.eval_every:
-            last_val = evaluate(eval_step, state, val_batches, mcfg)
+            last_val = evaluate(eval_step, state, val_batches)
             val_writer.write(0, last_val)
         while step < total:
             batch = next(it)
@@ -230,7 +230,7 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
             if progress is not None:
                 progress.update(1)
             if cfg.loop.eval_every and (step % cfg.loop.eval_every == 0 or step == total):
-                last_val = evaluate(eval_step, state, val_batches, mcfg)
+                last_val = evaluate(eval_step, state, val_batches)
                 val_writer.write(step, last_val)
                 if progress is not None:
                     progress.write(f"step {step}: val loss {last_val['loss']:.4f}  bpb {last_val['bpb']:.4f}  "

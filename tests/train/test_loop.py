@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
+from deepseek_jax.data import get_tokenizer
 from deepseek_jax.train import loop as loop_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,9 +88,8 @@ def test_kill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_pa
     # 3) rerun to completion (same command; in-process here) and compare every bit of the final state.
     summary = loop_lib.run(_cfg(out))
     assert summary["step"] == 10
-    like = loop_lib.init_train_state(loop_lib.model_config(_cfg(out), __import__(
-        "deepseek_jax.data", fromlist=["get_tokenizer"]).get_tokenizer("byte")), _cfg(out).train,
-        jax.random.PRNGKey(0), seq_len=32)
+    like = loop_lib.init_train_state(loop_lib.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
+                                     jax.random.PRNGKey(0), seq_len=32)
     a, da = _restore(ref_dir, 10, like)
     b, db = _restore(out, 10, like)
     assert da == db
