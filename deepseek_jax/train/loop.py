@@ -3,7 +3,8 @@
 ``run(config)`` takes an ml_collections ConfigDict (see experiments/configs/quickstart.py for every field):
 
   model.preset / model.overrides   the architecture (vocab and EOS come from the tokenizer)
-  data.*                           corpus, tokenizer, seq_len, batch_size, fim_rate, val_fraction, seed
+  data.*                           corpus, tokenizer, seq_len, batch_size, fim_rate, val_fraction, seed,
+                                   batch_ramp (optional: start, tokens -> the paper's batch-size ramp)
   train                            deepseek_jax.train.step.default_train_config(...) (recipe, schedules)
   loop.*                           out_dir, ckpt_every, keep, eval_every, eval_batches, log_every, seed,
                                    overwrite, sample_prompt, sample_tokens, grad_accum
@@ -42,6 +43,7 @@ from deepseek_jax import generate as generate_lib
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
 from deepseek_jax.metrics import MetricsWriter, bits_per_byte, cpu_model, read_jsonl, truncate_jsonl
 from deepseek_jax.train import losses
+from deepseek_jax.train.optimizer import batch_size_at
 from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step
 
 # Fields that may differ between a run and its resumption (they do not change the computation).
@@ -131,6 +133,49 @@ class _Stop:
             signal.signal(sig, h)
 
 
+class BatchPlan:
+    """Global batch size (sequences) of every step, and how it splits into micro-batches.
+
+    Without ``data.batch_ramp`` every step has ``data.batch_size`` sequences in ``loop.grad_accum`` micro-batches.
+    With ``data.batch_ramp = {start, tokens}`` the global batch follows the paper's ramp (V3 §4.2: 3072 -> 15360
+    sequences over the first 469B tokens) from ``start`` to ``data.batch_size`` over ``tokens`` training tokens,
+    through ``optimizer.batch_size_at`` (linear in tokens seen, rounded down to whole micro-batches). The
+    micro-batch stays ``data.batch_size // loop.grad_accum`` sequences (memory is constant); the number of
+    micro-batches grows with the batch, and each distinct count compiles the step once.
+
+    The size of step s depends only on the config and s (tokens seen before s = the sum of the earlier steps'
+    sizes times seq_len), so a resumed run recomputes it exactly; the LR and the other schedules keep counting
+    steps (PAPER_* schedules in optimizer.py note why that is close to the paper's token clock).
+    """
+
+    def __init__(self, data_cfg, grad_accum: int):
+        self.end, self.n_micro, self.seq_len = int(data_cfg.batch_size), int(grad_accum), int(data_cfg.seq_len)
+        if self.n_micro < 1 or self.end % self.n_micro:
+            raise RunError(f"data.batch_size={self.end} is not divisible by loop.grad_accum={self.n_micro}")
+        self.micro = self.end // self.n_micro
+        ramp = data_cfg.get("batch_ramp", None)
+        self.ramp = None
+        if ramp is not None:
+            start, tokens = int(ramp.start), float(ramp.tokens)
+            if not 0 < start <= self.end or start % self.micro:
+                raise RunError(f"data.batch_ramp.start={start} must be in (0, data.batch_size={self.end}] and a "
+                               f"multiple of the micro-batch data.batch_size / loop.grad_accum = {self.micro}")
+            if tokens < 0:
+                raise RunError(f"data.batch_ramp.tokens={tokens} must be >= 0")
+            self.ramp = (start, tokens)
+        self._sizes, self._tokens = [], 0.0
+
+    def size(self, step: int) -> int:
+        """Global batch size of step ``step`` (0-based)."""
+        if self.ramp is None:
+            return self.end
+        while len(self._sizes) <= step:
+            bs = batch_size_at(self._tokens, self.ramp[0], self.end, self.ramp[1], multiple=self.micro)
+            self._sizes.append(bs)
+            self._tokens += bs * self.seq_len
+        return self._sizes[step]
+
+
 def evaluate(eval_step, state, batches) -> Dict[str, float]:
     """Validation loss, bits per byte and MaxVio_global (loads summed over the whole validation set)."""
     ce_sum = count = n_bytes = 0.0
@@ -148,6 +193,7 @@ def evaluate(eval_step, state, batches) -> Dict[str, float]:
 
 
 def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
+    plan = BatchPlan(cfg.data, cfg.loop.grad_accum)  # checks the batch fields before anything is written
     out_dir = _prepare_out_dir(cfg)
     # ---- data ----
     docs = data_lib.load_corpus(cfg.data.corpus)
@@ -181,9 +227,6 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     val_writer = MetricsWriter(out_dir, "validation", tensorboard=False)
     truncate_jsonl(val_writer.path, start)
 
-    n_micro = int(cfg.loop.grad_accum)
-    if cfg.data.batch_size % n_micro:
-        raise RunError(f"data.batch_size={cfg.data.batch_size} is not divisible by loop.grad_accum={n_micro}")
     train_step = jax.jit(make_train_step(mcfg, tc), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(mcfg))
 
@@ -204,8 +247,9 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
             last_val = evaluate(eval_step, state, val_batches)
             val_writer.write(0, last_val)
         while step < total:
-            batch = next(it)
-            tokens = batch["tokens"].reshape(n_micro, -1, batch["tokens"].shape[-1])
+            bs = plan.size(step)
+            batch = it.next_batch(bs)
+            tokens = batch["tokens"].reshape(bs // plan.micro, plan.micro, batch["tokens"].shape[-1])
             state, m = train_step(state, {"tokens": tokens})
             step += 1
             if cfg.loop.get("step_delay_s", 0.0):  # test hook: widen the window for an external kill
@@ -220,6 +264,7 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
                 now = time.perf_counter()
                 rec = {k: v for k, v in jax.device_get(m).items()}
                 rec["tokens_per_s"] = tokens_last / max(now - t_last, 1e-9)
+                rec["batch_size"] = bs
                 rec["bpb_train"] = float(rec["ce"]) * float(np.prod(batch["tokens"][:, 1:].shape)) / (
                     np.log(2) * max(float(np.sum(batch["target_bytes"])), 1.0))
                 writer.write(step, rec)

@@ -10,6 +10,8 @@ def get_config():
     c.model = ml_collections.ConfigDict({"preset": "tiny", "overrides": {"rope_scaling": None}})
     c.data = ml_collections.ConfigDict(dict(corpus="default", tokenizer="byte", seq_len=32, batch_size=4,
                                             fim_rate=0.1, val_fraction=0.05, seed=0))
+    # The paper's batch-size ramp in miniature: 2 sequences (one micro-batch) until 256 tokens are seen, then 4.
+    c.data.batch_ramp = ml_collections.ConfigDict(dict(start=2, tokens=256))
     c.train = default_train_config(total_steps=10, peak_lr=1e-2, warmup_steps=2)
     c.train.balance.gamma = 0.01
     c.loop = ml_collections.ConfigDict(dict(out_dir="runs/loop_test", seed=0, grad_accum=2, log_every=1,

@@ -100,6 +100,22 @@ def test_kill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_pa
     assert steps == list(range(1, 11))
 
 
+def test_batch_ramp_sizes_follow_the_paper_rule(uninterrupted):
+    # loop_config ramps 2 -> 4 sequences (micro-batch 2) over 256 tokens of seq_len 32: tokens seen before steps
+    # 1..5 are 0, 64, 128, 192, 256 -> 2 + 2 * min(1, t/256) rounded down to a multiple of 2 = 2, 2, 2, 2, 4.
+    ref_dir, _ = uninterrupted
+    sizes = [r["batch_size"] for r in loop_lib.read_jsonl(os.path.join(str(ref_dir), "metrics.jsonl"))]
+    assert sizes == [2, 2, 2, 2] + [4] * 6
+
+
+def test_batch_ramp_bad_fields_are_named(tmp_path):
+    c = _cfg(tmp_path / "bad")
+    c.data.batch_ramp.start = 3
+    with pytest.raises(loop_lib.RunError, match=r"data.batch_ramp.start=3 .* multiple of the micro-batch"):
+        loop_lib.run(c)
+    assert not os.path.exists(str(tmp_path / "bad"))  # nothing written
+
+
 def test_refuses_output_dir_of_another_config(uninterrupted, tmp_path):
     ref_dir, _ = uninterrupted
     c = _cfg(ref_dir)
