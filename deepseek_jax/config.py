@@ -20,6 +20,7 @@ TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("mla", "mha", "gqa")  # mla: DeepSeek's latent attention; mha/gqa: per-head KV (ablation baselines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,64 @@ class YarnConfig:
                f"must be positive, got {self.original_max_position_embeddings}")
         _check(self.beta_fast > self.beta_slow > 0, "rope_scaling.beta_fast/beta_slow",
                f"need beta_fast > beta_slow > 0, got {self.beta_fast} / {self.beta_slow}")
+
+
+FP8_FORMATS = ("e4m3", "e5m2")
+FP8_BACKENDS = ("xla", "pallas")
+FP8_ACCUMS = ("fp32", "limited")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """Block-scaled FP8 GEMMs for the MLA projections, the dense/shared/routed expert FFNs (V3 §3.3; FP8.md;
+    kernels/fp8.py). Never the embedding, output head, router, norms or attention core.
+
+    fmt            GEMM input format: e4m3 (the paper, all three GEMMs) or e5m2
+    pow2_scales    round every scale up to a power of two (the paper does so for re-tiled activations)
+    backend        xla: dequantize-then-matmul reference (fast on CPU; what training uses there)
+                   pallas: the Pallas kernel (kernels/fp8_pallas.py; interpret mode on CPU, slow)
+    accum          fp32 (exact promotion every 128) | limited (pallas only: ``mantissa_bits``-bit partial sums,
+                   promoted every ``promote_every`` elements of K, None = never)
+    interpret      Pallas interpret mode; None = on CPU only
+    """
+
+    fmt: str = "e4m3"
+    pow2_scales: bool = False
+    backend: str = "xla"
+    accum: str = "fp32"
+    mantissa_bits: int = 14
+    promote_every: Optional[int] = 128
+    interpret: Optional[bool] = None
+
+    def __post_init__(self):
+        _check(self.fmt in FP8_FORMATS, "fp8.fmt", f"must be one of {FP8_FORMATS}, got {self.fmt!r}")
+        _check(isinstance(self.pow2_scales, bool), "fp8.pow2_scales", f"must be a bool, got {self.pow2_scales!r}")
+        _check(self.backend in FP8_BACKENDS, "fp8.backend", f"must be one of {FP8_BACKENDS}, got {self.backend!r}")
+        _check(self.accum in FP8_ACCUMS, "fp8.accum", f"must be one of {FP8_ACCUMS}, got {self.accum!r}")
+        _check(self.accum == "fp32" or self.backend == "pallas", "fp8.accum",
+               "accum='limited' is emulated by the Pallas kernel only; set backend='pallas'")
+        _check(isinstance(self.mantissa_bits, int) and 1 <= self.mantissa_bits <= 24, "fp8.mantissa_bits",
+               f"must be an int in [1, 24], got {self.mantissa_bits!r}")
+        pe = self.promote_every
+        _check(pe is None or (isinstance(pe, int) and pe > 0 and pe % 128 == 0), "fp8.promote_every",
+               f"must be None or a positive multiple of 128, got {pe!r}")
+        _check(self.accum == "limited" or pe == 128, "fp8.promote_every",
+               f"accum='fp32' promotes every 128; got promote_every={pe!r}")
+        _check(self.interpret is None or isinstance(self.interpret, bool), "fp8.interpret",
+               f"must be None or a bool, got {self.interpret!r}")
+
+
+def _fp8_from(v):
+    """ModelConfig.fp8 from a config file or dict: None/False -> off, True -> defaults, a mapping -> fields."""
+    if v is None or v is False:
+        return None
+    if v is True:
+        return Fp8Config()
+    if isinstance(v, Fp8Config):
+        return v
+    if hasattr(v, "items"):  # dict, ml_collections.ConfigDict
+        return Fp8Config(**dict(v.items()))
+    return v  # rejected by validation
 
 
 def _check(ok: bool, field: str, rule: str) -> None:
@@ -100,6 +159,13 @@ class ModelConfig:
     moe_tile_size: int = 128  # rows per tile of the `sorted_tiles` dispatch
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
 
+    # --- attention ablation (experiments/configs/attention.py); not part of a DeepSeek checkpoint ---
+    attention: str = "mla"  # mla (DeepSeek-V2/V3) | mha | gqa  (layers/attention.py: MLA or GQA)
+    num_key_value_heads: Optional[int] = None  # gqa: KV heads (divides num_attention_heads); mha: None or H
+
+    # --- FP8 training (kernels/fp8.py); None = off; not part of the checkpoint ---
+    fp8: Optional[Fp8Config] = None
+
     def __post_init__(self):
         pos = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
@@ -141,6 +207,22 @@ class ModelConfig:
                f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
+        _check(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}, got {self.attention!r}")
+        _check(self.fp8 is None or isinstance(self.fp8, Fp8Config), "fp8",
+               f"must be None or an Fp8Config (or a dict of its fields via replace/preset), got {self.fp8!r}")
+        kvh = self.num_key_value_heads
+        if self.attention == "mla":
+            _check(kvh is None, "num_key_value_heads",
+                   f"must be None with attention='mla' (MLA has no per-head KV), got {kvh!r}")
+        elif self.attention == "mha":
+            _check(kvh is None or kvh == self.num_attention_heads, "num_key_value_heads",
+                   f"must be None or num_attention_heads={self.num_attention_heads} with attention='mha', "
+                   f"got {kvh!r}")
+        else:
+            _check(isinstance(kvh, int) and not isinstance(kvh, bool) and kvh > 0
+                   and self.num_attention_heads % kvh == 0, "num_key_value_heads",
+                   f"attention='gqa' needs a positive int dividing num_attention_heads="
+                   f"{self.num_attention_heads}, got {kvh!r}")
         _check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         _check(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         _check(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
@@ -174,14 +256,31 @@ class ModelConfig:
         return layer_idx >= self.first_k_dense_replace
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the MHA/GQA variant (num_attention_heads for mha)."""
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
     def kv_cache_elements_per_token_per_layer(self) -> int:
-        """MLA caches the normalized latent and the shared rope key: kv_lora_rank + qk_rope_head_dim."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """MLA caches the normalized latent and the shared rope key: kv_lora_rank + qk_rope_head_dim.
+        MHA/GQA cache a key (qk_nope + qk_rope dims) and a value (v_head_dim) per KV head."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.kv_heads * (self.qk_head_dim + self.v_head_dim)
+
+    def kv_cache_bytes_per_token(self, dtype: str = "bfloat16") -> int:
+        """KV-cache bytes one token occupies over all main-model layers (MTP modules are not cached)."""
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
+        if dtype not in itemsize:
+            raise ValueError(f"kv_cache_bytes_per_token: dtype must be one of {tuple(itemsize)}, got {dtype!r}")
+        return self.kv_cache_elements_per_token_per_layer * self.num_hidden_layers * itemsize[dtype]
 
     def replace(self, **changes) -> "ModelConfig":
         """A validated copy with some fields changed (``rope_scaling`` may be given as a dict)."""
         if isinstance(changes.get("rope_scaling"), Mapping):
             changes["rope_scaling"] = YarnConfig(**changes["rope_scaling"])
+        if "fp8" in changes:
+            changes["fp8"] = _fp8_from(changes["fp8"])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -196,6 +295,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
         if isinstance(d.get("rope_scaling"), Mapping):
             d["rope_scaling"] = YarnConfig(**d["rope_scaling"])
+        if "fp8" in d:
+            d["fp8"] = _fp8_from(d["fp8"])
         return cls(**d)
 
     # ----- Hugging Face config.json -----
@@ -242,7 +343,8 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         # Execution-policy fields are never read from config.json: newer transformers write "dtype" (the storage
         # dtype of the weights), which must not become this project's compute dtype.
-        policy = ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy")
+        policy = ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy", "fp8", "attention",
+                  "num_key_value_heads")  # hub configs say num_key_value_heads = H; MLA ignores it
         kw = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "rope_theta") + policy}
         if "n_routed_experts" not in hf and "num_local_experts" in hf:
             kw["n_routed_experts"] = hf["num_local_experts"]
@@ -267,9 +369,12 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The hub ``config.json`` spelling (``rope_theta`` + ``rope_scaling``), loadable by transformers'
         DeepseekV3ForCausalLM."""
+        if self.attention != "mla":
+            raise ValueError(f"ModelConfig.attention: to_hf writes DeepSeek-V3 (MLA) configs only, got "
+                             f"attention={self.attention!r}")
         arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy",
-                                  "rope_scaling")}
+                if f.name not in ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy", "fp8",
+                                  "rope_scaling", "attention", "num_key_value_heads")}
         hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_act": "silu",
               "attention_bias": False, "attention_dropout": 0.0, "rope_interleave": True,
               "num_key_value_heads": self.num_attention_heads, "torch_dtype": self.param_dtype, **arch}

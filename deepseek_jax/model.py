@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers.attention import MLA
+from deepseek_jax.layers.attention import attention_class
 from deepseek_jax.layers.linear import Dense, dtype_of
 from deepseek_jax.layers.moe import MLP, MoE
 from deepseek_jax.layers.mtp import MTPModule
@@ -47,7 +47,8 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + MLA(norm(x)); x + FFN(norm(x)) where FFN is MoE or dense (SwiGLU).
+    """Pre-norm residual block: x + MLA(norm(x)) (or MHA/GQA when ``cfg.attention`` says so); x + FFN(norm(x))
+    where FFN is MoE or dense (SwiGLU).
     Scan-shaped: (x, positions, cache) -> (x, (aux, cache))."""
 
     cfg: ModelConfig
@@ -58,7 +59,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_btd, positions_bt, cache=None):
         cfg = self.cfg
-        h, new_cache = MLA(cfg, self.dot_general, name="attn")(
+        h, new_cache = attention_class(cfg)(cfg, self.dot_general, name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="attn_norm")(x_btd), positions_bt, cache,
             absorb=self.absorb)
         x_btd = x_btd + h

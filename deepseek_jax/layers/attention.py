@@ -11,6 +11,14 @@ Two computations of the same function:
   materialised for the keys. The cache holds exactly (kv_lora_rank + qk_rope_head_dim) numbers per token.
 
 Scores and softmax are fp32 whatever the compute dtype; the attention core is never FP8 (V3 §3.3).
+
+``GQA`` is the ablation baseline (``cfg.attention`` = "mha" | "gqa"; V2 App. D compares MLA with MHA): ordinary
+per-head keys and values, ``cfg.kv_heads`` of them shared by groups of query heads (query head h reads KV head
+h // (H / kv_heads), the layout of transformers' ``repeat_kv``). It keeps everything else of MLA so that only the
+KV path differs: the same query path (q compression when q_lora_rank is set), the same head dims (q/k:
+qk_nope + qk_rope, v: v_head_dim), the same RoPE/YaRN function applied to the last qk_rope_head_dim dims of every
+query and key head (partial rotary; MLA shares that rope key across heads, GQA gives each KV head its own), the
+same softmax scale. Its cache holds kv_heads * (qk_nope + qk_rope + v_head_dim) numbers per token per layer.
 """
 
 from __future__ import annotations
@@ -33,8 +41,11 @@ Cache = dict  # {"c_kv": [B, S, kv_lora_rank], "k_rope": [B, S, qk_rope_head_dim
 
 
 def init_layer_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype="float32") -> Cache:
-    """An empty latent cache for one MLA layer."""
+    """An empty cache for one attention layer: MLA's latent one, or per-head {"k", "v"} for MHA/GQA."""
     dt = dtype_of(dtype)
+    if cfg.attention != "mla":
+        return {"k": jnp.zeros((batch_size, max_len, cfg.kv_heads, cfg.qk_head_dim), dt),
+                "v": jnp.zeros((batch_size, max_len, cfg.kv_heads, cfg.v_head_dim), dt)}
     return {"c_kv": jnp.zeros((batch_size, max_len, cfg.kv_lora_rank), dt),
             "k_rope": jnp.zeros((batch_size, max_len, cfg.qk_rope_head_dim), dt)}
 
@@ -118,3 +129,63 @@ class MLA(nn.Module):
             o = jnp.einsum("bhts,bshv->bthv", p, v)
         out = dense(cfg.hidden_size, ("o_heads", "embed"), "o_proj")(o.reshape(B, T, H * dv))
         return out, new_cache
+
+
+def _query(cfg: ModelConfig, dense, x_btd):
+    """The query path shared by MLA and GQA (eqs. 6-8): [B, T, H * (qk_nope + qk_rope)]."""
+    if cfg.q_lora_rank is None:
+        return dense(cfg.num_attention_heads * cfg.qk_head_dim, ("embed", "q_heads"), "q_proj")(x_btd)
+    c_q = dense(cfg.q_lora_rank, ("embed", "q_lora"), "q_a_proj")(x_btd)
+    c_q = RMSNorm(LATENT_NORM_EPS, cfg.param_dtype, "q_lora", name="q_a_norm")(c_q)
+    return dense(cfg.num_attention_heads * cfg.qk_head_dim, ("q_lora", "q_heads"), "q_b_proj")(c_q)
+
+
+class GQA(nn.Module):
+    """Multi-head (kv_heads == H) or grouped-query attention with per-head keys and values: the baseline MLA is
+    compared against (see the module docstring for what it shares with MLA). Same call signature as ``MLA``;
+    ``absorb`` is accepted and ignored (there is no latent to absorb into)."""
+
+    cfg: ModelConfig
+    dot_general: Optional[object] = None
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, cache: Optional[Cache] = None,
+                 absorb: bool = False) -> Tuple[jax.Array, Optional[Cache]]:
+        cfg = self.cfg
+        B, T, _ = x_btd.shape
+        H, G, dn, dr, dv = (cfg.num_attention_heads, cfg.kv_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                            cfg.v_head_dim)
+        dk = dn + dr
+        dense = lambda feats, axes, name: Dense(feats, axes, cfg.dtype, cfg.param_dtype, cfg.initializer_range,
+                                                self.dot_general, name=name)
+        q_bthk = _query(cfg, dense, x_btd).reshape(B, T, H, dk)
+        k_btgk = dense(G * dk, ("embed", "kv_heads"), "k_proj")(x_btd).reshape(B, T, G, dk)
+        v_btgv = dense(G * dv, ("embed", "kv_heads"), "v_proj")(x_btd).reshape(B, T, G, dv)
+        cos, sin = rope_cos_sin(cfg, positions_bt)
+        q_bthk = jnp.concatenate([q_bthk[..., :dn], apply_rope(q_bthk[..., dn:], cos, sin)], -1)
+        k_btgk = jnp.concatenate([k_btgk[..., :dn], apply_rope(k_btgk[..., dn:], cos, sin)], -1)
+
+        new_cache = None
+        if cache is not None:
+            b = jnp.arange(B)[:, None]
+            new_cache = {"k": cache["k"].at[b, positions_bt].set(k_btgk.astype(cache["k"].dtype)),
+                         "v": cache["v"].at[b, positions_bt].set(v_btgv.astype(cache["v"].dtype))}
+            keys, values = new_cache["k"].astype(k_btgk.dtype), new_cache["v"].astype(v_btgv.dtype)
+            k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1])[None], (B, keys.shape[1]))
+        else:
+            keys, values, k_pos = k_btgk, v_btgv, positions_bt
+        S = keys.shape[1]
+        dt = dtype_of(cfg.dtype)
+        # Query head h = g * (H / G) + j reads KV head g.
+        q_btgjk = q_bthk.reshape(B, T, G, H // G, dk)
+        scores = jnp.einsum("btgjk,bsgk->bgjts", q_btgjk, keys, preferred_element_type=jnp.float32)
+        scores = scores.reshape(B, H, T, S) * softmax_scale(cfg)
+        p_bgjts = _masked_softmax(scores, positions_bt, k_pos).astype(dt).reshape(B, G, H // G, T, S)
+        o_btgjv = jnp.einsum("bgjts,bsgv->btgjv", p_bgjts, values)
+        out = dense(cfg.hidden_size, ("o_heads", "embed"), "o_proj")(o_btgjv.reshape(B, T, H * dv))
+        return out, new_cache
+
+
+def attention_class(cfg: ModelConfig):
+    """The attention module ``cfg.attention`` selects: MLA (default) or GQA (mha / gqa)."""
+    return MLA if cfg.attention == "mla" else GQA
