@@ -12,7 +12,7 @@ from deepseek_jax.train.step import default_train_config
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"preset": "small", "overrides": {}})
+    c.model = ml_collections.ConfigDict({"preset": "small", "overrides": {}, "compute_dtype": "auto"})
     c.data = ml_collections.ConfigDict(dict(corpus="default", tokenizer="byte", seq_len=256, batch_size=8,
                                             fim_rate=0.1, val_fraction=0.05, seed=0))
     total = 120

@@ -144,3 +144,15 @@ def test_nonfinite_stop_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(loop_lib.RunError, match="step 3: non-finite loss or gradient"):
         loop_lib.run(c)
     assert Checkpointer(os.path.join(str(tmp_path / "nan"), "checkpoints")).steps() == [2]
+
+
+def test_compute_dtype_auto_is_bf16_off_cpu_and_explicit_wins():
+    assert loop_lib.compute_dtype("auto", backend="cpu") == "float32"
+    assert loop_lib.compute_dtype("auto", backend="gpu") == "bfloat16"
+    assert loop_lib.compute_dtype("auto", backend="tpu") == "bfloat16"
+    assert loop_lib.compute_dtype("bfloat16", backend="cpu") == "bfloat16"
+    c = loop_config.get_config()
+    tok = get_tokenizer("byte")
+    assert loop_lib.model_config(c, tok).dtype == "float32"  # tests run on CPU
+    c.model.overrides = {"rope_scaling": None, "dtype": "bfloat16"}
+    assert loop_lib.model_config(c, tok).dtype == "bfloat16"
