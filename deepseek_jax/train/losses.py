@@ -77,6 +77,19 @@ def sequence_balance_loss(seq_counts: jax.Array, seq_probs: jax.Array, K: int, T
     return jnp.asarray(alpha, jnp.float32) * sequence_balance_terms(seq_counts, seq_probs, K, T).mean()
 
 
+def batch_balance_terms(seq_counts: jax.Array, seq_probs: jax.Array, K: int, T: int) -> jax.Array:
+    """The batch-wise variant of eqs. 18-20 (V3 §4.5.3, "batch-wise auxiliary loss"): sum_i f_i P_i per layer with
+    f_i and P_i taken over all the batch's tokens instead of one sequence's: [L].
+
+    f_i = N_r / (K_r B T) * (tokens of the whole batch routed to i);  P_i = mean over the batch's B*T tokens of
+    s_i / sum_j s_j = mean over sequences of seq_probs (every sequence has T tokens). seq_counts, seq_probs
+    [L, B, E]. Uniform routing gives 1, as for the sequence-wise term; a batch whose sequences are each skewed but
+    skewed towards different experts is penalised by the sequence-wise term and not by this one."""
+    B, E = seq_counts.shape[-2], seq_counts.shape[-1]
+    f = (E / (K * B * T)) * seq_counts.astype(jnp.float32).sum(-2)
+    return (f * seq_probs.astype(jnp.float32).mean(-2)).sum(-1)
+
+
 def max_vio(load: jax.Array, per_layer: bool = False) -> jax.Array:
     """MaxVio = (max_i load_i - mean load) / mean load (LF paper), per layer for load [L, E], then averaged over
     layers (``per_layer=True``: the [L] values). Scale-free: counts or fractions give the same value. A layer with

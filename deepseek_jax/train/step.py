@@ -44,6 +44,9 @@ from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, PAPER_WARMUP_STEPS, mak
                                           step_function)
 
 NONFINITE_POLICIES = ("skip", "stop")
+# balance.scope (optional field, default "sequence"): which balance loss alpha weights. "batch" is the batch-wise
+# variant of V3 §4.5.3 (losses.batch_balance_terms), over each micro-batch, averaged over micro-batches.
+BALANCE_SCOPES = ("sequence", "batch")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +126,8 @@ def validate_train_config(tc) -> None:
     b = tc.balance
     check(b.gamma >= 0, "balance.gamma", f"must be >= 0, got {b.gamma}")
     check(b.alpha >= 0, "balance.alpha", f"must be >= 0, got {b.alpha}")
+    check(b.get("scope", "sequence") in BALANCE_SCOPES, "balance.scope",
+          f"must be one of {BALANCE_SCOPES}, got {b.get('scope')!r}")
     check(tc.mtp.lambda_ >= 0 and tc.mtp.lambda_after >= 0, "mtp.lambda_/lambda_after", "must be >= 0")
 
 
@@ -247,6 +252,12 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
     alpha = float(train_cfg.balance.alpha)
     bias_on = bool(train_cfg.balance.bias_update)
     K = model_cfg.num_experts_per_tok
+    batch_scope = train_cfg.balance.get("scope", "sequence") == "batch"
+
+    def balance_terms(counts, probs, T_):
+        if batch_scope:  # one term per layer, weighted by the micro-batch's sequences (the sum below divides by n_seq)
+            return losses.batch_balance_terms(counts, probs, K, T_) * counts.shape[-2]
+        return losses.sequence_balance_terms(counts, probs, K, T_)
 
     def train_step(state: TrainState, batch):
         tokens, mask = _micro_batches(batch)
@@ -274,13 +285,12 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
             terms = []
             if "moe" in out.aux:
                 aux["load_moe"] = out.aux["moe"]["load"]
-                terms.append(losses.sequence_balance_terms(out.aux["moe"]["seq_counts"],
-                                                           out.aux["moe"]["seq_probs"], K, T))
+                terms.append(balance_terms(out.aux["moe"]["seq_counts"], out.aux["moe"]["seq_probs"], T))
             if "mtp" in out.aux:
                 aux["load_mtp"] = out.aux["mtp"]["load"]
                 for k in range(out.aux["mtp"]["load"].shape[0]):
-                    terms.append(losses.sequence_balance_terms(out.aux["mtp"]["seq_counts"][k:k + 1],
-                                                               out.aux["mtp"]["seq_probs"][k:k + 1], K, T - k - 1))
+                    terms.append(balance_terms(out.aux["mtp"]["seq_counts"][k:k + 1],
+                                               out.aux["mtp"]["seq_probs"][k:k + 1], T - k - 1))
             if alpha > 0 and terms:
                 n_layers = sum(t.shape[0] for t in terms)
                 bal = alpha * sum(t.sum() for t in terms) / (n_layers * n_seq)
