@@ -91,7 +91,8 @@ def matmul_peak(n=2048, reps=5):
         tt.append(time.perf_counter() - t0)
     fl = 2 * n ** 3
     return {"n": n, "reps": reps, "jax_gflops": fl / statistics.median(ts) / 1e9,
-            "jax_gflops_max": fl / min(ts) / 1e9, "torch_gflops": fl / statistics.median(tt) / 1e9}
+            "jax_gflops_max": fl / min(ts) / 1e9, "torch_gflops": fl / statistics.median(tt) / 1e9,
+            "torch_gflops_max": fl / min(tt) / 1e9}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,6 +292,17 @@ def main(argv=None):
                      **{k: v for k, v in meta.items() if k != "flops"}})
 
     fl_info = contenders[0][3]["flops"]
+    # Roofline check of the 2x goal: the FLOP rate a step needs to be twice as fast as transformers' fastest step,
+    # against the fastest fp32 matmul this machine ran in the same run (no model step can beat its own matmuls).
+    hf_best_tps = TOKENS / min(times[hf_name])
+    goal = {"goal_tokens_per_s": 2 * hf_best_tps,
+            "needed_gflops": 2 * hf_best_tps * fl_info["flops_per_token"] / 1e9,
+            "peak_gflops_best": max(peak["jax_gflops_max"], peak.get("torch_gflops_max", 0.0))}
+    goal["needed_fraction_of_peak"] = goal["needed_gflops"] / goal["peak_gflops_best"]
+    roofline = (f"Roofline of the 2x goal: 2 x transformers' best step = {goal['goal_tokens_per_s']:,.0f} tokens/s "
+                f"= {goal['needed_gflops']:.1f} GFLOP/s of model FLOPs, i.e. "
+                f"{100 * goal['needed_fraction_of_peak']:.0f}% of the fastest fp32 2048^3 matmul measured in this run "
+                f"({goal['peak_gflops_best']:.1f} GFLOP/s).")
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     header = ("| contender | step ms (median) | step ms (min) | tokens/s | x transformers (median of per-round) "
               "| x transformers (best / best) | model GFLOP/s | MFU vs jnp.dot peak | MFU vs torch.mm peak |")
@@ -305,6 +317,7 @@ def main(argv=None):
     print(f"\nFLOPs/token (no MTP): 6*{fl_info['activated_params']:,} + {fl_info['attn_flops']:,} = "
           f"{fl_info['flops_per_token'] / 1e6:.1f} MFLOP; peak jnp.dot {peak['jax_gflops']:.1f} GFLOP/s, "
           f"torch.mm {peak['torch_gflops']:.1f} GFLOP/s; load average {load_before} -> {load_after}")
+    print(roofline)
 
     if args.write:
         import jaxlib
@@ -317,7 +330,7 @@ def main(argv=None):
         out = {"command": cmd, "date": date, "git": rev, "machine": machine, "shape": {**SHAPE, "batch": BATCH,
                "seq": SEQ, "tokens_per_step": TOKENS}, "peak": peak, "flops": fl_info,
                "flops_mtp": contenders[1][3]["flops"] if args.mtp else None, "rows": rows,
-               "steps": args.steps, "warmup": args.warmup, "breakdown_ms": breakdown}
+               "steps": args.steps, "warmup": args.warmup, "breakdown_ms": breakdown, "goal": goal}
         d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "bench_train_cpu.json"), "w") as f:
@@ -337,7 +350,8 @@ def main(argv=None):
             f"wd 0.1), clip_grad_norm_ 1.0, {torch.get_num_threads()} threads; params {hf_info['total_params']:,} "
             f"(ours {fl_info['total_params']:,})",
             f"- machine: {machine['cpu']}, {machine['cores']} cores; load average before {load_before}, after "
-            f"{load_after} (shared machine: another job was running)",
+            f"{load_after}" + (" (busy: another job was running; see the note on load below)"
+                                if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1) else " (idle)"),
             f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, python {machine['python']}, "
             f"XLA_FLAGS={machine['XLA_FLAGS']!r}",
             f"- timing: {args.warmup} warmup steps each after compile, then {args.steps} rounds, one step of every "
@@ -352,6 +366,8 @@ def main(argv=None):
             f"(best {peak['jax_gflops_max']:.1f}), torch.mm {peak['torch_gflops']:.1f} GFLOP/s",
             "",
             table,
+            "",
+            roofline,
             "",
             (f"Breakdown of our no-MTP step (separately jitted, median ms): {breakdown}" if breakdown else ""),
             "",
