@@ -1,0 +1,136 @@
+"""The shared base of every ablation experiment, and the machinery that turns an arm diff into a run config.
+
+An experiment file (balancing.py, mtp.py, ...) defines
+
+    EXPERIMENT = "balancing"
+    ARMS = {"aux_free": {"train.balance.alpha": 0.0}, ...}     # dotted-key diffs over ``base_config()``
+    SEEDS = (0, 1, 2)
+    CLAIMS = [...]                                               # what experiments/sweep.py checks, see below
+    def get_config(arg="aux_free"): return base.experiment_config(EXPERIMENT, ARMS, arg, ...)
+
+and is run by hand (one arm, one seed) with
+
+    python -m experiments.run --config=experiments/configs/balancing.py:aux_free --config.loop.seed=1
+
+or by ``python -m experiments.sweep balancing`` (every arm x seed, resumable, then the tables).
+
+The base model ("cpu-base") is the V3 topology shrunk until one run of 300 steps fits in a few minutes on 2 CPU
+cores: MLA with q compression, 1 dense + 2 MoE layers, 1 shared + 16 routed experts (top-4 in 4 groups, 2 kept),
+sigmoid router, byte tokens, sequence 128, batch 8 (1,024 tokens/step). MTP is off in the base (mtp.py turns it
+on). Deviations from the paper's recipe, all forced by runs that are ~10^7 times shorter: peak LR 2e-3 with 20
+warmup steps (paper 2.2e-4 / 2000), the paper's LR phases otherwise mapped onto the run's steps, bias speed
+gamma = 0.05 (paper 0.001; see BUILD.md "Quickstart deviations"), FIM off (it would only add noise to a
+validation loss this short).
+
+Claims (CLAIMS in each experiment file) are dicts read by experiments/sweep.py:
+  id, claim         a short name and the sentence the paper makes
+  paper             the paper's number(s), with the source
+  metric            a key of the final validation record (loss, bpb, max_vio_global) or of the run's
+                    derived values (kv_bytes_per_token, params_total, ...)
+  a, b              the two arms compared (mean_a - mean_b)
+  expect            "less" (paper: a < b), "equal" (paper: no difference)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Mapping, Optional
+
+import ml_collections
+
+from deepseek_jax.train.step import default_train_config
+
+SEEDS = (0, 1, 2)
+
+# The CPU base model: preset "small" with these fields replaced (vocab/eos come from the byte tokenizer).
+BASE_MODEL = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
+                  qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=352,
+                  moe_intermediate_size=64, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+                  n_group=4, topk_group=2, first_k_dense_replace=1, num_nextn_predict_layers=0,
+                  max_position_embeddings=1024)
+
+
+def base_config(total_steps: int = 300, peak_lr: float = 2e-3, warmup_steps: int = 20, seq_len: int = 128,
+                batch_size: int = 8) -> ml_collections.ConfigDict:
+    """The full run config every arm starts from (the fields of experiments/configs/quickstart.py)."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict({"preset": "small", "overrides": dict(BASE_MODEL)})
+    c.data = ml_collections.ConfigDict(dict(corpus="default", tokenizer="byte", seq_len=seq_len,
+                                            batch_size=batch_size, fim_rate=0.0, val_fraction=0.05, seed=0))
+    c.train = default_train_config(total_steps=total_steps, peak_lr=peak_lr, warmup_steps=warmup_steps)
+    c.train.balance.gamma = 0.05
+    c.train.balance.scope = "sequence"
+    c.loop = ml_collections.ConfigDict(dict(out_dir="runs/unnamed", seed=0, grad_accum=1, log_every=10,
+                                            eval_every=100, eval_batches=16, ckpt_every=100, keep=1,
+                                            overwrite=False, progress=True, sample_prompt="", sample_tokens=0))
+    return c
+
+
+def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """cfg["a.b.c"] = value for a dotted key; the path must exist (a typo in an arm raises, naming it), except
+    under ``model.overrides`` where any ModelConfig field may be added (ModelConfig validates it at run time)."""
+    parts = key.split(".")
+    node = cfg
+    for i, p in enumerate(parts[:-1]):
+        if p not in node:
+            raise ValueError(f"arm key {key!r}: no field {'.'.join(parts[:i + 1])!r} in the base config")
+        node = node[p]
+    last = parts[-1]
+    if last not in node and key.split(".")[:2] != ["model", "overrides"]:
+        raise ValueError(f"arm key {key!r}: no field {key!r} in the base config")
+    node[last] = value
+
+
+def parse_arg(arg: Optional[str], arms: Mapping[str, Any]):
+    """'<arm>' or '<arm>,seed=<n>' -> (arm, seed or None); raises naming the known arms."""
+    arg = (arg or "").strip()
+    seed = None
+    if "," in arg:
+        arg, rest = arg.split(",", 1)
+        k, _, v = rest.partition("=")
+        if k.strip() != "seed" or not v.strip().lstrip("-").isdigit():
+            raise ValueError(f"config argument {rest!r}: expected 'seed=<int>'")
+        seed = int(v)
+    if arg not in arms:
+        raise ValueError(f"unknown arm {arg!r}; this experiment's arms: {sorted(arms)}")
+    return arg, seed
+
+
+def experiment_config(experiment: str, arms: Mapping[str, Mapping[str, Any]], arg: Optional[str],
+                      base: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
+    """Base config + the arm's diff; ``loop.seed`` and ``data.seed`` = the seed (default 0); out_dir
+    runs/sweeps/<experiment>/<arm>/seed<seed> (experiments/sweep.py copies the small logs into
+    experiments/results/<experiment>/runs/)."""
+    arm, seed = parse_arg(arg, arms)
+    cfg = copy.deepcopy(base) if base is not None else base_config()
+    diff = dict(arms[arm])
+    steps = diff.pop("train.total_steps", None)
+    if steps is not None:  # the schedule's step-valued fields follow total_steps
+        keep = {k: cfg.train.balance[k] for k in ("gamma", "alpha", "bias_update", "scope")}
+        cfg.train = default_train_config(total_steps=int(steps), peak_lr=cfg.train.optim.peak_lr,
+                                         warmup_steps=cfg.train.optim.warmup_steps)
+        for k, v in keep.items():
+            cfg.train.balance[k] = v
+    for k, v in diff.items():
+        set_dotted(cfg, k, v)
+    seed = 0 if seed is None else seed
+    cfg.loop.seed = seed
+    cfg.data.seed = seed
+    cfg.loop.out_dir = f"runs/sweeps/{experiment}/{arm}/seed{seed}"
+    return cfg
+
+
+def arm_model_config(cfg: ml_collections.ConfigDict):
+    """The ModelConfig an arm trains (byte tokenizer's vocab/eos, as the loop builds it), for derived values."""
+    from deepseek_jax.data import get_tokenizer
+    from deepseek_jax.train.loop import model_config
+    return model_config(cfg, get_tokenizer(cfg.data.tokenizer))
+
+
+def derived_values(cfg: ml_collections.ConfigDict) -> Dict[str, float]:
+    """Numbers an arm has by construction (no training): parameter counts and KV-cache bytes per token."""
+    from deepseek_jax import model as model_lib
+    mcfg = arm_model_config(cfg)
+    c = model_lib.count_params(mcfg)
+    return {"params_total": c["total"], "params_activated": c["activated"], "params_mtp": c["mtp"],
+            "kv_bytes_per_token": mcfg.kv_cache_bytes_per_token("bfloat16")}

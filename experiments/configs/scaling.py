@@ -1,0 +1,89 @@
+"""Scaling (DeepSeek LLM §3): loss vs compute over five dense model sizes spanning 45x in compute, each trained
+with the learning rate and batch size that DeepSeek LLM's fitted laws prescribe for its compute budget.
+
+    python -m experiments.sweep scaling
+
+Compute: C = M * D with M = 72 n_layer d^2 + 12 n_layer d l_seq (DeepSeek LLM's non-embedding FLOPs/token,
+forward + backward) and D the training tokens, fixed at 409,600 for every size (a compute-optimal D_opt(C) would
+need ~10^6-10^8 tokens per run here, beyond 30 CPU minutes for the larger sizes).
+Hyper-parameters per size: eta_opt = 0.3118 C^-0.1250, B_opt = 0.2920 C^0.3271 tokens (batch = B_opt / l_seq
+sequences, rounded, >= 2), DeepSeek LLM's multi-step schedule: warmup (5% of steps, at most 2000), peak to 80% of
+the steps, then x0.316 to 90%, then x0.1.
+Model: dense (first_k_dense_replace = n_layer, no MoE), MHA with head dim d/H split evenly between the nope and
+the rope part, SwiGLU width round(8d/3), so the parameters per layer are 12 d^2 as M assumes (DeepSeek LLM
+rotates the whole head; here RoPE covers half of it).
+"""
+
+from experiments.configs import base
+
+EXPERIMENT = "scaling"
+SEEDS = base.SEEDS
+SEQ_LEN = 128
+TOKENS = 409_600
+SIZES = {  # arm: (n_layer, d_model, heads)
+    "s1": (1, 32, 2),
+    "s2": (2, 48, 2),
+    "s3": (2, 64, 4),
+    "s4": (3, 96, 4),
+    "s5": (4, 128, 4),
+}
+
+
+def flops_per_token(n_layer: int, d: int, seq: int = SEQ_LEN) -> int:
+    """DeepSeek LLM's M (non-embedding FLOPs per token, forward + backward)."""
+    return 72 * n_layer * d * d + 12 * n_layer * d * seq
+
+
+def eta_opt(C: float) -> float:
+    return 0.3118 * C ** -0.1250
+
+
+def b_opt_tokens(C: float) -> float:
+    return 0.2920 * C ** 0.3271
+
+
+def arm_plan(arm: str) -> dict:
+    L, d, H = SIZES[arm]
+    M = flops_per_token(L, d)
+    C = M * TOKENS
+    batch = max(2, round(b_opt_tokens(C) / SEQ_LEN))
+    steps = max(1, round(TOKENS / (batch * SEQ_LEN)))
+    # eta and B from the nominal budget; C_trained from the tokens the rounded batch and steps really see
+    return {"n_layer": L, "d_model": d, "heads": H, "M": M, "C": C, "eta": eta_opt(C), "batch": batch,
+            "steps": steps, "C_trained": M * steps * batch * SEQ_LEN}
+
+
+def _arm(arm: str) -> dict:
+    p = arm_plan(arm)
+    L, d, H = p["n_layer"], p["d_model"], p["heads"]
+    dk = d // H
+    steps, lr = p["steps"], p["eta"]
+    warm = max(1, min(2000, round(0.05 * steps)))
+    s80, s90 = round(0.8 * steps), round(0.9 * steps)
+    return {
+        "train.total_steps": steps,
+        "model.overrides.hidden_size": d, "model.overrides.num_hidden_layers": L,
+        "model.overrides.num_attention_heads": H, "model.overrides.attention": "mha",
+        "model.overrides.q_lora_rank": None, "model.overrides.qk_nope_head_dim": dk // 2,
+        "model.overrides.qk_rope_head_dim": dk // 2, "model.overrides.v_head_dim": dk,
+        "model.overrides.intermediate_size": round(8 * d / 3), "model.overrides.first_k_dense_replace": L,
+        "data.batch_size": p["batch"],
+        "train.optim.peak_lr": lr, "train.optim.warmup_steps": warm,
+        "train.optim.constant_steps": s80 - warm, "train.optim.cosine_steps": 0,
+        "train.optim.final_stages": [(s90 - s80, lr * 0.316), (steps - s90, lr * 0.1)],
+        "loop.eval_every": steps, "loop.ckpt_every": max(1, steps // 2),
+    }
+
+
+ARMS = {arm: _arm(arm) for arm in SIZES}
+COMPUTE = {arm: arm_plan(arm)["C_trained"] for arm in SIZES}  # read by experiments/sweep.py for the power-law fit
+CLAIMS = [
+    dict(id="loss_vs_compute_power_law", metric="loss", expect="power_law",
+         claim="Validation loss falls as a power law in compute, L = a C^-b (fitted exponent b)",
+         paper="DeepSeek LLM §3 fits eta_opt, B_opt, M_opt, D_opt as power laws of C (1e17-3e20 FLOPs); its "
+               "loss-vs-compute exponent is not transcribed in PAPER.md"),
+]
+
+
+def get_config(arg="s1"):
+    return base.experiment_config(EXPERIMENT, ARMS, arg)

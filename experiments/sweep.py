@@ -1,0 +1,478 @@
+"""Run an experiment's arms x seeds, aggregate them, and regenerate experiments/results/RESULTS.md.
+
+    python -m experiments.sweep balancing              # every arm x seed of experiments/configs/balancing.py
+    python -m experiments.sweep balancing --arms aux_free,none --seeds 0,1
+    python -m experiments.sweep --report               # only rebuild the tables/plots/RESULTS.md from committed logs
+
+Resumable: a run whose small logs are already in experiments/results/<experiment>/runs/<arm>/seed<s>/ with the
+same config is skipped; an interrupted run is resumed from its checkpoint in runs/sweeps/... (the training loop's
+own resume). A committed run whose config no longer matches the experiment file is "stale": the sweep stops and
+says so, unless --rerun-stale is given.
+
+Each run is ``python -m experiments.run --config=experiments/configs/<exp>.py:<arm>,seed=<s>`` in a subprocess.
+After it finishes, its config.json, metrics.jsonl, validation.jsonl and summary.json (machine, code version,
+corpus fingerprint) are copied to experiments/results/<exp>/runs/<arm>/seed<s>/ together with sweep.json (the
+command, wall time, date), and then
+
+  experiments/results/<exp>/runs.csv     one row per run: final validation loss, BPB, MaxVio_global, derived values
+  experiments/results/<exp>/arms.csv     per arm: mean and sample std over seeds, n
+  experiments/results/<exp>/curves.png   validation loss (and MaxVio_global) vs step, mean over seeds per arm
+  experiments/results/<exp>/fit.png      scaling only: loss vs compute with the fitted power law
+  experiments/results/RESULTS.md         every experiment's claims: the paper's number, ours (mean +- std over
+                                         seeds), a verdict and why; claims without >= 3 seeds per arm are listed
+                                         as "not run yet" with the command that runs them.
+
+Verdicts (``verdict``), with d = mean_a - mean_b and SE = sqrt(s_a^2/n_a + s_b^2/n_b) (sample std over seeds):
+  expect "less"        reproduced if d < -2 SE; contradicted if d > +2 SE; otherwise not at this scale
+  expect "equal"       reproduced if |d| <= 2 SE; otherwise contradicted (a difference beyond seed noise)
+  expect "rel_within"  reproduced if |d| / |mean_b| < tol; contradicted if the gap also exceeds 2 SE; otherwise
+                       not at this scale (seed noise is larger than the tolerance)
+  expect "power_law"   log-log least squares over all runs: reproduced if the exponent is negative with R^2 >= 0.9
+                       and the arm means fall monotonically with compute; contradicted if loss does not fall with
+                       compute (slope >= 0); otherwise not at this scale
+Deterministic metrics (KV bytes, parameter counts) have SE = 0, so any difference is decisive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+EXPERIMENTS = ("balancing", "mtp", "fp8", "attention", "moe", "scaling")
+MIN_SEEDS = 3
+COPIED = ("config.json", "metrics.jsonl", "validation.jsonl", "summary.json")
+METRICS = ("loss", "bpb", "max_vio_global")
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experiments and runs
+# ---------------------------------------------------------------------------------------------------------------
+def load_experiment(name_or_path: str):
+    """experiments.configs.<name>, or a python file path (tests use a toy experiment)."""
+    if name_or_path.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(os.path.basename(name_or_path)[:-3], name_or_path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.__file__ = os.path.abspath(name_or_path)
+        return mod
+    if name_or_path not in EXPERIMENTS:
+        raise SweepError(f"unknown experiment {name_or_path!r}; known: {list(EXPERIMENTS)} (or a path to a .py file)")
+    return importlib.import_module(f"experiments.configs.{name_or_path}")
+
+
+def comparable(cfg) -> Dict[str, Any]:
+    """The config as the training loop stores it in config.json (its resume check compares the same dict)."""
+    from deepseek_jax.train.loop import _comparable
+    return _comparable(cfg)
+
+
+def missing_fields(mod, arm: str) -> List[str]:
+    """ModelConfig fields an arm needs that this checkout does not have (e.g. fp8 before the FP8 work lands)."""
+    import dataclasses
+    from deepseek_jax.config import ModelConfig
+    have = {f.name for f in dataclasses.fields(ModelConfig)}
+    return [f for f in getattr(mod, "REQUIRES_MODEL_FIELDS", {}).get(arm, ()) if f not in have]
+
+
+def run_dir(results_root: str, experiment: str, arm: str, seed: int) -> str:
+    return os.path.join(results_root, experiment, "runs", arm, f"seed{seed}")
+
+
+def command_for(mod, arm: str, seed: int) -> List[str]:
+    path = os.path.relpath(mod.__file__, ROOT) if mod.__file__.startswith(ROOT) else mod.__file__
+    return [sys.executable, "-m", "experiments.run", f"--config={path}:{arm},seed={seed}",
+            "--config.loop.progress=False"]
+
+
+def subprocess_runner(cfg, cmd: List[str], timeout: Optional[float]) -> None:
+    """Run one training run in its own process (fresh JAX state, a hard timeout)."""
+    r = subprocess.run(cmd, cwd=ROOT, timeout=timeout)
+    if r.returncode != 0:
+        raise SweepError(f"run failed (exit {r.returncode}): {' '.join(cmd)}")
+
+
+def inprocess_runner(cfg, cmd, timeout) -> None:
+    """Run in this process (tests: shares compiled programs across runs)."""
+    from deepseek_jax.train.loop import run
+    run(cfg)
+
+
+def run_experiment(mod, arms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
+                   results_root: str = RESULTS, runner: Callable = subprocess_runner, rerun_stale: bool = False,
+                   timeout: Optional[float] = None, log: Callable = print) -> Dict[str, List]:
+    """Run every (arm, seed) not already finished; returns {"ran", "skipped", "unavailable"} lists."""
+    arms = list(arms or mod.ARMS)
+    seeds = list(seeds if seeds is not None else mod.SEEDS)
+    for a in arms:
+        if a not in mod.ARMS:
+            raise SweepError(f"unknown arm {a!r} of {mod.EXPERIMENT}; arms: {list(mod.ARMS)}")
+    plan, stale, done = [], [], {"ran": [], "skipped": [], "unavailable": []}
+    for arm in arms:
+        missing = missing_fields(mod, arm)
+        if missing:
+            log(f"[{mod.EXPERIMENT}] arm {arm}: not available in this checkout (ModelConfig lacks {missing})")
+            done["unavailable"].append(arm)
+            continue
+        for seed in seeds:
+            cfg = mod.get_config(f"{arm},seed={seed}")
+            rd = run_dir(results_root, mod.EXPERIMENT, arm, seed)
+            if os.path.exists(os.path.join(rd, "summary.json")):
+                with open(os.path.join(rd, "config.json")) as f:
+                    if json.load(f) == comparable(cfg):
+                        done["skipped"].append((arm, seed))
+                        continue
+                stale.append((arm, seed, rd))
+            plan.append((arm, seed, cfg))
+    if stale and not rerun_stale:
+        raise SweepError("committed runs no longer match their experiment config (stale): "
+                         + ", ".join(f"{a}/seed{s}" for a, s, _ in stale)
+                         + ". Rerun with --rerun-stale to replace them.")
+    for arm, seed, cfg in plan:
+        cmd = command_for(mod, arm, seed)
+        if (arm, seed) in {(a, s) for a, s, _ in stale}:
+            cfg.loop.overwrite = True
+            cmd = cmd + ["--config.loop.overwrite=True"]
+        log(f"[{mod.EXPERIMENT}] {arm} seed {seed}: {' '.join(cmd[1:])}")
+        t0 = time.time()
+        runner(cfg, cmd, timeout)
+        wall = time.time() - t0
+        out = cfg.loop.out_dir if os.path.isabs(cfg.loop.out_dir) else os.path.join(ROOT, cfg.loop.out_dir)
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        if summary.get("step") != summary.get("total_steps"):
+            raise SweepError(f"{out}: the run stopped at step {summary.get('step')} of {summary.get('total_steps')}")
+        rd = run_dir(results_root, mod.EXPERIMENT, arm, seed)
+        os.makedirs(rd, exist_ok=True)
+        for name in COPIED:
+            if os.path.exists(os.path.join(out, name)):
+                shutil.copyfile(os.path.join(out, name), os.path.join(rd, name))
+        with open(os.path.join(rd, "sweep.json"), "w") as f:
+            json.dump({"command": " ".join(["python"] + cmd[1:]), "wall_s": round(wall, 1),
+                       "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                       "machine": summary.get("machine"), "code_version": summary.get("code_version")}, f, indent=1)
+        done["ran"].append((arm, seed))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------------------------
+def _read_jsonl(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collect(mod, results_root: str = RESULTS) -> List[Dict[str, Any]]:
+    """One row per committed run: arm, seed, step, the final validation metrics, derived values."""
+    from experiments.configs import base
+    rows, derived = [], {}
+    root = os.path.join(results_root, mod.EXPERIMENT, "runs")
+    for arm in mod.ARMS:
+        adir = os.path.join(root, arm)
+        if not os.path.isdir(adir):
+            continue
+        for name in sorted(os.listdir(adir)):
+            rd = os.path.join(adir, name)
+            if not (name.startswith("seed") and os.path.exists(os.path.join(rd, "summary.json"))):
+                continue
+            val = _read_jsonl(os.path.join(rd, "validation.jsonl"))
+            if not val:
+                continue
+            last = val[-1]
+            sw = {}
+            if os.path.exists(os.path.join(rd, "sweep.json")):
+                with open(os.path.join(rd, "sweep.json")) as f:
+                    sw = json.load(f)
+            row = {"arm": arm, "seed": int(name[4:]), "step": last["step"],
+                   **{m: last.get(m, float("nan")) for m in METRICS}, "wall_s": sw.get("wall_s", float("nan"))}
+            if arm not in derived:
+                derived[arm] = base.derived_values(mod.get_config(arm))
+            row.update(derived[arm])
+            if hasattr(mod, "COMPUTE"):
+                row["compute_flops"] = mod.COMPUTE[arm]
+            rows.append(row)
+    return rows
+
+
+def arm_stats(rows: List[dict], metric: str) -> Dict[str, Dict[str, float]]:
+    """{arm: {"mean", "std" (sample, ddof 1; 0 for one run), "n"}} over the finite values of ``metric``."""
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        v = [float(r[metric]) for r in rows if r["arm"] == arm and metric in r and math.isfinite(float(r[metric]))]
+        if not v:
+            continue
+        m = sum(v) / len(v)
+        s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+        out[arm] = {"mean": m, "std": s, "n": len(v)}
+    return out
+
+
+def fit_power_law(compute: Sequence[float], loss: Sequence[float]):
+    """Least squares of log(loss) = log(a) + k log(C): returns (a, k, r2). L = a C^k, k < 0 when loss falls."""
+    x = [math.log(c) for c in compute]
+    y = [math.log(v) for v in loss]
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    k = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    a = math.exp(my - k * mx)
+    ss_res = sum((b - (math.log(a) + k * xa)) ** 2 for xa, b in zip(x, y))
+    ss_tot = sum((b - my) ** 2 for b in y)
+    return a, k, (1.0 - ss_res / ss_tot) if ss_tot > 0 else 1.0
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e4:
+        return f"{x:,.0f}"
+    return f"{x:.4g}" if abs(x) < 1e-3 else f"{x:.4f}".rstrip("0").rstrip(".") if abs(x) < 10 else f"{x:.2f}"
+
+
+def _pm(s: Dict[str, float]) -> str:
+    return f"{_fmt(s['mean'])} ± {_fmt(s['std'])}" if s["std"] else _fmt(s["mean"])
+
+
+def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List[dict]] = None):
+    """(verdict, ours, why) for one claim, or None when its arms lack MIN_SEEDS runs (see the module docstring)."""
+    expect = claim["expect"]
+    if expect == "power_law":
+        arms = list(stats)
+        if len(arms) < 2 or any(stats[a]["n"] < MIN_SEEDS for a in arms):
+            return None
+        pts = [(r["compute_flops"], r[claim["metric"]]) for r in rows if math.isfinite(r[claim["metric"]])]
+        a, k, r2 = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
+        by_c = sorted(arms, key=lambda arm: next(r["compute_flops"] for r in rows if r["arm"] == arm))
+        means = [stats[arm]["mean"] for arm in by_c]
+        monotone = all(m2 < m1 for m1, m2 in zip(means, means[1:]))
+        cs = [r["compute_flops"] for r in rows]
+        ours = f"L = {a:.3g} C^{k:.4f} (R² {r2:.3f}, {len(arms)} sizes, {max(cs) / min(cs):.0f}x compute)"
+        if k < 0 and r2 >= 0.9 and monotone:
+            return "reproduced", ours, f"loss falls with compute as a power law, exponent {-k:.4f}, R² {r2:.3f}."
+        if k >= 0:
+            return "contradicted", ours, "loss does not fall with compute in these runs."
+        return ("not at this scale", ours, f"loss falls but {'not monotonically' if not monotone else 'the fit is poor'}"
+                f" (R² {r2:.3f}); seed noise or the fixed-token budget dominates at this size.")
+    a, b = claim["a"], claim["b"]
+    if a not in stats or b not in stats or min(stats[a]["n"], stats[b]["n"]) < MIN_SEEDS:
+        return None
+    sa, sb = stats[a], stats[b]
+    d = sa["mean"] - sb["mean"]
+    se = math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
+    n = min(sa["n"], sb["n"])
+    ours = f"{a} {_pm(sa)} vs {b} {_pm(sb)} (n={n})"
+    noise = f"2 SE = {_fmt(2 * se)}" if se else "deterministic"
+    if expect == "less":
+        if d < -2 * se or (se == 0 and d < 0):
+            return "reproduced", ours, f"{a} is lower by {_fmt(-d)} ({noise})."
+        if d > 2 * se or (se == 0 and d > 0):
+            return "contradicted", ours, f"{a} is higher by {_fmt(d)} ({noise}) at this scale."
+        return "not at this scale", ours, f"the difference {_fmt(d)} is within seed noise ({noise})."
+    if expect == "equal":
+        if abs(d) <= 2 * se:
+            return "reproduced", ours, f"no difference beyond seed noise (d = {_fmt(d)}, {noise})."
+        return "contradicted", ours, f"{a} differs by {_fmt(d)}, beyond seed noise ({noise}), at this scale."
+    if expect == "rel_within":
+        rel = abs(d) / abs(sb["mean"])
+        if rel < claim["tol"]:
+            return "reproduced", ours, f"relative gap {rel:.3%} < {claim['tol']:.2%}."
+        if abs(d) > 2 * se:
+            return "contradicted", ours, f"relative gap {rel:.3%} >= {claim['tol']:.2%}, beyond seed noise ({noise})."
+        return "not at this scale", ours, f"relative gap {rel:.3%}, but seed noise ({noise}) exceeds the tolerance."
+    raise SweepError(f"claim {claim['id']}: unknown expect {expect!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+def _write_csv(path: str, rows: List[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in keys})
+
+
+def write_experiment(mod, results_root: str = RESULTS) -> List[dict]:
+    """runs.csv, arms.csv and the plots of one experiment; returns the rows (empty if nothing ran)."""
+    rows = collect(mod, results_root)
+    if not rows:
+        return rows
+    out = os.path.join(results_root, mod.EXPERIMENT)
+    _write_csv(os.path.join(out, "runs.csv"), rows)
+    metrics = [m for m in METRICS + ("kv_bytes_per_token", "params_total", "params_activated", "wall_s")
+               if any(m in r for r in rows)]
+    arm_rows = []
+    stats = {m: arm_stats(rows, m) for m in metrics}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        row = {"arm": arm, "n": sum(r["arm"] == arm for r in rows)}
+        for m in metrics:
+            if arm in stats[m]:
+                row[f"{m}_mean"], row[f"{m}_std"] = stats[m][arm]["mean"], stats[m][arm]["std"]
+        arm_rows.append(row)
+    _write_csv(os.path.join(out, "arms.csv"), arm_rows)
+    _plot(mod, rows, out, results_root)
+    return rows
+
+
+def _plot(mod, rows, out, results_root) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    curves = {}
+    for arm in arms:
+        for r in rows:
+            if r["arm"] == arm:
+                val = _read_jsonl(os.path.join(run_dir(results_root, mod.EXPERIMENT, arm, r["seed"]),
+                                               "validation.jsonl"))
+                curves.setdefault(arm, []).append(val)
+    has_vio = any("max_vio_global" in v[-1] for runs in curves.values() for v in runs if v)
+    fig, axes = plt.subplots(1, 2 if has_vio else 1, figsize=(12 if has_vio else 6, 4), squeeze=False)
+    for arm, runs in curves.items():
+        steps = [r["step"] for r in runs[0]]
+        for j, key in enumerate(("loss", "max_vio_global") if has_vio else ("loss",)):
+            vals = [[rec.get(key, float("nan")) for rec in run] for run in runs if len(run) == len(steps)]
+            mean = [sum(c) / len(c) for c in zip(*vals)]
+            axes[0][j].plot(steps, mean, "o-", label=f"{arm} (n={len(vals)})")
+            if len(vals) > 1:
+                axes[0][j].fill_between(steps, [min(c) for c in zip(*vals)], [max(c) for c in zip(*vals)], alpha=0.2)
+    axes[0][0].set_title(f"{mod.EXPERIMENT}: validation loss (mean, min-max over seeds)")
+    axes[0][0].set_xlabel("step"); axes[0][0].set_ylabel("nats/token"); axes[0][0].legend()
+    if has_vio:
+        axes[0][1].set_title("MaxVio_global (validation set)"); axes[0][1].set_xlabel("step"); axes[0][1].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=90)
+    plt.close(fig)
+    if hasattr(mod, "COMPUTE"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        cs, ls = [r["compute_flops"] for r in rows], [r["loss"] for r in rows]
+        ax.loglog(cs, ls, "o", label="runs")
+        if len(set(cs)) >= 2:
+            a, k, r2 = fit_power_law(cs, ls)
+            xs = sorted(set(cs))
+            ax.loglog(xs, [a * c ** k for c in xs], "-", label=f"L = {a:.3g} C^{k:.4f} (R² {r2:.3f})")
+        ax.set_xlabel("compute C = M D (FLOPs)"); ax.set_ylabel("validation loss"); ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "fit.png"), dpi=90)
+        plt.close(fig)
+
+
+def _sweep_command(mod) -> str:
+    name = mod.EXPERIMENT if mod.EXPERIMENT in EXPERIMENTS else os.path.relpath(mod.__file__, ROOT)
+    return f"python -m experiments.sweep {name}"
+
+
+def results_markdown(mods, results_root: str = RESULTS) -> str:
+    lines = ["# Results", "",
+             "Generated by `python -m experiments.sweep` (experiments/sweep.py) from the run logs and configs under",
+             "`experiments/results/<experiment>/runs/`; do not edit by hand. Ours = mean ± sample std over seeds",
+             f"(n = seeds per arm; a claim needs >= {MIN_SEEDS} per arm). Verdict rules: experiments/sweep.py.",
+             "These are CPU-scale runs (~10^5-10^6 tokens, models of ~10^5-10^6 parameters): a verdict says what",
+             "holds at this scale, not whether the paper is right at its own.", ""]
+    summary = ["| experiment | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
+    sections = []
+    for mod in mods:
+        rows = collect(mod, results_root)
+        sec = [f"## {mod.EXPERIMENT}", "", " ".join((mod.__doc__ or "").strip().split("\n\n")[0].split()), ""]
+        machines = {}
+        for arm in mod.ARMS:
+            for name in sorted(os.listdir(os.path.join(results_root, mod.EXPERIMENT, "runs", arm))) if os.path.isdir(
+                    os.path.join(results_root, mod.EXPERIMENT, "runs", arm)) else []:
+                p = os.path.join(results_root, mod.EXPERIMENT, "runs", arm, name, "sweep.json")
+                if os.path.exists(p):
+                    with open(p) as f:
+                        sw = json.load(f)
+                    m = sw.get("machine") or {}
+                    machines[(m.get("cpu"), m.get("cpu_count"), m.get("jax"), m.get("backend"))] = sw.get("code_version")
+        if rows:
+            counts = ", ".join(f"{a}: {sum(r['arm'] == a for r in rows)}" for a in dict.fromkeys(r["arm"] for r in rows))
+            sec.append(f"Runs: {len(rows)} ({counts}). Tables: `{mod.EXPERIMENT}/runs.csv`, "
+                       f"`{mod.EXPERIMENT}/arms.csv`; plot: `{mod.EXPERIMENT}/curves.png`.")
+            for (cpu, cores, jaxv, backend), code in machines.items():
+                sec.append(f"Machine: {cpu}, {cores} cores, jax {jaxv} ({backend}), code {code}.")
+            sec.append("")
+        sec += ["| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
+        for claim in mod.CLAIMS:
+            stats = arm_stats(rows, claim["metric"]) if rows else {}
+            v = verdict(claim, stats, rows) if rows else None
+            if v is None:
+                have = {a: s["n"] for a, s in stats.items()}
+                arms = [claim["a"], claim["b"]] if "a" in claim else list(mod.ARMS)
+                unavailable = [a for a in arms if missing_fields(mod, a)]
+                why = (f"arm(s) {unavailable} need ModelConfig fields this checkout lacks" if unavailable else
+                       f"seeds so far: {({a: have.get(a, 0) for a in arms})}")
+                cmd = _sweep_command(mod) + ("" if "a" not in claim else f" --arms {','.join(arms)}")
+                row = (claim["claim"], claim["paper"], "not run yet", "not run yet", f"{why}; run `{cmd}`")
+            else:
+                row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", v[2])
+            sec.append("| " + " | ".join(row) + " |")
+            summary.append(f"| {mod.EXPERIMENT} | {claim['claim']} | {claim['paper']} | {row[2]} | {row[3]} |")
+        sec.append("")
+        sections += sec
+    return "\n".join(lines + ["## Summary", ""] + summary + [""] + sections)
+
+
+def write_results_md(mods=None, results_root: str = RESULTS) -> str:
+    mods = mods if mods is not None else [load_experiment(e) for e in EXPERIMENTS]
+    for mod in mods:
+        write_experiment(mod, results_root)
+    text = results_markdown(mods, results_root)
+    os.makedirs(results_root, exist_ok=True)
+    path = os.path.join(results_root, "RESULTS.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", nargs="?", help=f"one of {list(EXPERIMENTS)} or a config .py path")
+    p.add_argument("--arms", help="comma-separated subset of arms")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the experiment's SEEDS)")
+    p.add_argument("--report", action="store_true", help="only rebuild tables, plots and RESULTS.md")
+    p.add_argument("--rerun-stale", action="store_true", help="replace committed runs whose config changed")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
+    args = p.parse_args(argv)
+    try:
+        if not args.report:
+            if not args.experiment:
+                p.error("name an experiment, or pass --report")
+            mod = load_experiment(args.experiment)
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+            arms = args.arms.split(",") if args.arms else None
+            res = run_experiment(mod, arms, seeds, rerun_stale=args.rerun_stale, timeout=args.timeout)
+            print(f"[{mod.EXPERIMENT}] ran {len(res['ran'])}, skipped {len(res['skipped'])} finished, "
+                  f"unavailable arms {res['unavailable']}")
+        mods = [load_experiment(e) for e in EXPERIMENTS]
+        if args.experiment and args.experiment.endswith(".py"):
+            mods.append(load_experiment(args.experiment))
+        print("wrote", write_results_md(mods))
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
