@@ -1,0 +1,192 @@
+"""experiments/sweep.py: verdict rules and the power-law fit against hand computations, and a toy experiment
+(tiny model, 2 steps, 2 arms x 3 seeds, in-process) run end to end: logs copied, tables equal to the means and
+sample stds of the logged validation losses, a second sweep skips everything, a changed config is refused as
+stale, and RESULTS.md shows verdicts only where >= 3 seeds exist ("not run yet" with the command otherwise)."""
+
+import csv
+import json
+import math
+import os
+import statistics
+import textwrap
+
+import pytest
+
+from experiments import sweep
+
+
+def _s(mean, std, n=3):
+    return {"mean": mean, "std": std, "n": n}
+
+
+# --------------------------------------------------------------------------------------------------- verdicts
+def test_verdict_less():
+    claim = {"id": "x", "a": "A", "b": "B", "expect": "less", "metric": "loss"}
+    # d = -0.3, SE = sqrt(2 * 0.1^2 / 3) = 0.0816: |d| > 2 SE
+    assert sweep.verdict(claim, {"A": _s(1.0, 0.1), "B": _s(1.3, 0.1)})[0] == "reproduced"
+    assert sweep.verdict(claim, {"A": _s(1.3, 0.1), "B": _s(1.0, 0.1)})[0] == "contradicted"
+    # d = -0.15 < 2 SE = 0.163: within noise
+    assert sweep.verdict(claim, {"A": _s(1.0, 0.1), "B": _s(1.15, 0.1)})[0] == "not at this scale"
+    # deterministic metric: any difference decides
+    assert sweep.verdict(claim, {"A": _s(288, 0.0), "B": _s(1536, 0.0)})[0] == "reproduced"
+    # fewer than 3 seeds on one arm: no verdict
+    assert sweep.verdict(claim, {"A": _s(1.0, 0.1, 2), "B": _s(1.3, 0.1)}) is None
+
+
+def test_verdict_equal_and_rel_within():
+    eq = {"id": "e", "a": "A", "b": "B", "expect": "equal", "metric": "loss"}
+    assert sweep.verdict(eq, {"A": _s(2.0, 0.05), "B": _s(2.03, 0.05)})[0] == "reproduced"  # 0.03 < 2 SE = 0.082
+    assert sweep.verdict(eq, {"A": _s(2.0, 0.01), "B": _s(2.1, 0.01)})[0] == "contradicted"
+    rel = {"id": "r", "a": "A", "b": "B", "expect": "rel_within", "tol": 0.0025, "metric": "loss"}
+    assert sweep.verdict(rel, {"A": _s(2.004, 0.001), "B": _s(2.0, 0.001)})[0] == "reproduced"  # 0.2%
+    assert sweep.verdict(rel, {"A": _s(2.02, 0.001), "B": _s(2.0, 0.001)})[0] == "contradicted"  # 1%, SE 0.0008
+    assert sweep.verdict(rel, {"A": _s(2.02, 0.05), "B": _s(2.0, 0.05)})[0] == "not at this scale"
+
+
+def test_power_law_fit_and_verdict():
+    cs = [1e10, 3e10, 1e11, 1e12]
+    rows = [{"arm": f"s{i}", "seed": s, "compute_flops": c, "loss": 7.0 * c ** -0.05 * (1 + 0.001 * (s - 1))}
+            for i, c in enumerate(cs) for s in range(3)]
+    a, k, r2 = sweep.fit_power_law([r["compute_flops"] for r in rows], [r["loss"] for r in rows])
+    # the seed factors (0.999, 1, 1.001) average to ~1 in log space, so the fit recovers a and k
+    assert abs(k + 0.05) < 1e-4 and abs(a / 7.0 - 1) < 1e-3 and r2 > 0.99
+    claim = {"id": "p", "metric": "loss", "expect": "power_law"}
+    stats = sweep.arm_stats(rows, "loss")
+    assert sweep.verdict(claim, stats, rows)[0] == "reproduced"
+    flat = [dict(r, loss=3.0 + 0.01 * r["seed"]) for r in rows]
+    assert sweep.verdict(claim, sweep.arm_stats(flat, "loss"), flat)[0] == "contradicted"  # slope 0
+
+
+def test_arm_stats_sample_std():
+    rows = [{"arm": "a", "loss": v} for v in (1.0, 2.0, 4.0)]
+    s = sweep.arm_stats(rows, "loss")["a"]
+    assert s["n"] == 3 and math.isclose(s["mean"], 7 / 3)
+    assert math.isclose(s["std"], statistics.stdev([1.0, 2.0, 4.0]))
+
+
+# ---------------------------------------------------------------------------------------------- toy sweep
+TOY = '''
+"""Toy experiment for tests/test_sweep.py."""
+import ml_collections
+from experiments.configs import base
+from deepseek_jax.train.step import default_train_config
+
+EXPERIMENT = "toy"
+SEEDS = (0, 1, 2)
+ARMS = {{"a": {{"train.balance.alpha": 0.0}}, "b": {{"train.balance.alpha": 0.01}}, "c": {{}}}}
+CLAIMS = [
+    dict(id="ab", metric="loss", a="a", b="b", expect="less", claim="A beats B", paper="1.0 vs 2.0 [toy]"),
+    dict(id="ac", metric="loss", a="a", b="c", expect="less", claim="A beats C", paper="1.0 vs 3.0 [toy]"),
+]
+TOTAL = {total}
+
+
+def _base():
+    c = base.base_config()
+    c.model.overrides = ml_collections.ConfigDict(dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=16,
+        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, num_nextn_predict_layers=0, moe_dispatch="dense"))
+    c.data.corpus = {corpus!r}
+    c.data.seq_len, c.data.batch_size, c.data.val_fraction = 16, 2, 0.3
+    c.train = default_train_config(total_steps=TOTAL, peak_lr=1e-2, warmup_steps=1)
+    c.train.balance.scope = "sequence"
+    c.loop.eval_every, c.loop.eval_batches, c.loop.ckpt_every, c.loop.log_every = TOTAL, 1, TOTAL, 1
+    c.loop.progress = False
+    return c
+
+
+def get_config(arg="a"):
+    cfg = base.experiment_config(EXPERIMENT, ARMS, arg, base=_base())
+    cfg.loop.out_dir = {runs!r} + "/" + cfg.loop.out_dir
+    return cfg
+'''
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20)
+
+    def write(total):
+        path = root / "toy.py"
+        path.write_text(textwrap.dedent(TOY.format(total=total, corpus=str(corpus / "*.txt"),
+                                                   runs=str(root / "runs"))))
+        return sweep.load_experiment(str(path))
+
+    mod = write(2)
+    results = str(root / "results")
+    calls = []
+
+    def runner(cfg, cmd, timeout):
+        calls.append(cmd)
+        sweep.inprocess_runner(cfg, cmd, timeout)
+
+    res = sweep.run_experiment(mod, arms=["a", "b"], results_root=results, runner=runner, log=lambda *a: None)
+    return {"mod": mod, "write": write, "results": results, "res": res, "calls": calls}
+
+
+def test_toy_sweep_runs_and_copies_logs(toy):
+    assert sorted(toy["res"]["ran"]) == [(a, s) for a in "ab" for s in range(3)]
+    assert len(toy["calls"]) == 6 and "--config=" in toy["calls"][0][3] and toy["calls"][0][3].endswith(":a,seed=0")
+    for arm in "ab":
+        for seed in range(3):
+            rd = sweep.run_dir(toy["results"], "toy", arm, seed)
+            assert sorted(os.listdir(rd)) == ["config.json", "metrics.jsonl", "summary.json", "sweep.json",
+                                              "validation.jsonl"]
+            with open(os.path.join(rd, "config.json")) as f:
+                cfg = json.load(f)
+            assert cfg["loop.seed"] == seed and cfg["data.seed"] == seed
+            assert cfg["train.balance.alpha"] == (0.0 if arm == "a" else 0.01)
+
+
+def test_toy_tables_match_logged_losses(toy):
+    sweep.write_results_md([toy["mod"]], toy["results"])
+    finals = {}
+    for arm in "ab":
+        for seed in range(3):
+            with open(os.path.join(sweep.run_dir(toy["results"], "toy", arm, seed), "validation.jsonl")) as f:
+                recs = [json.loads(line) for line in f]
+            assert recs[-1]["step"] == 2
+            finals.setdefault(arm, []).append(recs[-1]["loss"])
+    with open(os.path.join(toy["results"], "toy", "arms.csv")) as f:
+        arms = {r["arm"]: r for r in csv.DictReader(f)}
+    for arm in "ab":
+        assert int(arms[arm]["n"]) == 3
+        assert math.isclose(float(arms[arm]["loss_mean"]), statistics.mean(finals[arm]), rel_tol=1e-12)
+        assert math.isclose(float(arms[arm]["loss_std"]), statistics.stdev(finals[arm]), rel_tol=1e-9)
+    assert os.path.getsize(os.path.join(toy["results"], "toy", "curves.png")) > 1000
+    md = open(os.path.join(toy["results"], "RESULTS.md")).read()
+    row_ab = next(line for line in md.splitlines() if line.startswith("| A beats B"))
+    assert any(v in row_ab for v in ("**reproduced**", "**contradicted**", "**not at this scale**"))
+    assert f"{statistics.mean(finals['a']):.4f}".rstrip("0")[:5] in row_ab
+    row_ac = next(line for line in md.splitlines() if line.startswith("| A beats C"))
+    assert "not run yet" in row_ac and "--arms a,c" in row_ac and "'c': 0" in row_ac
+
+
+def test_second_sweep_skips_finished_runs(toy):
+    def must_not_run(cfg, cmd, timeout):
+        raise AssertionError(f"finished run was rerun: {cmd}")
+
+    res = sweep.run_experiment(toy["mod"], arms=["a", "b"], results_root=toy["results"], runner=must_not_run,
+                               log=lambda *a: None)
+    assert res["ran"] == [] and len(res["skipped"]) == 6
+
+
+def test_changed_config_is_refused_as_stale(toy):
+    changed = toy["write"](3)  # total_steps 2 -> 3: every committed run is now stale
+    with pytest.raises(sweep.SweepError, match="stale"):
+        sweep.run_experiment(changed, arms=["a"], results_root=toy["results"], runner=None, log=lambda *a: None)
+    toy["write"](2)
+
+
+def test_unknown_experiment_and_arm():
+    with pytest.raises(sweep.SweepError, match="unknown experiment"):
+        sweep.load_experiment("nonsense")
+    mod = sweep.load_experiment("balancing")
+    with pytest.raises(sweep.SweepError, match="unknown arm"):
+        sweep.run_experiment(mod, arms=["nope"], runner=None)
