@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.kernels.fp8 import dot_general_for as fp8_dot_general
 from deepseek_jax.layers.attention import attention_class
 from deepseek_jax.layers.linear import Dense, dtype_of
 from deepseek_jax.layers.moe import MLP, MoE
@@ -59,15 +60,17 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_btd, positions_bt, cache=None):
         cfg = self.cfg
-        h, new_cache = attention_class(cfg)(cfg, self.dot_general, name="attn")(
+        # The FP8-eligible GEMMs' policy: an explicit dot_general, else the one cfg.fp8 asks for (None = plain).
+        dot_general = self.dot_general if self.dot_general is not None else fp8_dot_general(cfg.fp8)
+        h, new_cache = attention_class(cfg)(cfg, dot_general, name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="attn_norm")(x_btd), positions_bt, cache,
             absorb=self.absorb)
         x_btd = x_btd + h
         y = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="mlp_norm")(x_btd)
         if self.moe:
-            y, aux = MoE(cfg, self.dot_general, name="mlp")(y)
+            y, aux = MoE(cfg, dot_general, name="mlp")(y)
         else:
-            y, aux = MLP(cfg, cfg.intermediate_size, self.dot_general, name="mlp")(y), {}
+            y, aux = MLP(cfg, cfg.intermediate_size, dot_general, name="mlp")(y), {}
         return x_btd + y, (aux, new_cache)
 
 

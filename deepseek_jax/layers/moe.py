@@ -248,6 +248,24 @@ def dispatch_sorted_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
     return jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), w_nk)
 
 
+def dispatch_fp8_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int, linear_fn):
+    """The routed experts through the FP8 linear (kernels/fp8.py; ``ModelConfig.fp8``), whatever moe_dispatch
+    says: rows grouped by expert and padded to whole tiles (as sorted_tiles), then every tile of the static bound
+    is one ``linear_fn([tile, d], W_e)`` with its expert's weights (vmapped; unused tiles compute zeros). Each
+    tile's GEMMs quantize like any FP8 linear (1x128 activation tiles, 128x128 expert-weight blocks; the Wgrad's
+    token tiles are at most ``tile`` rows); the expert weight gradient is the fp32 sum over its tiles. Correct,
+    reverse-mode differentiable, about (NK + (E-1) tile)/NK times the routed FLOPs: for correctness, not speed."""
+    E, K = wg.shape[0], idx_nk.shape[1]
+    d = x_nd.shape[1]
+    src, dest_nk, tile_e, _ = _tile_layout(idx_nk, E, tile)
+    n_tiles = tile_e.shape[0]
+    x_ttd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])[src // K].reshape(n_tiles, tile, d)
+    lin = jax.vmap(linear_fn)
+    h_ttf = _swiglu(lin(x_ttd, wg[tile_e]), lin(x_ttd, wu[tile_e]))
+    y_pd = lin(h_ttf.astype(x_nd.dtype), wd[tile_e]).reshape(n_tiles * tile, d)
+    return jnp.einsum("nkd,nk->nd", y_pd[dest_nk].astype(jnp.float32), w_nk)
+
+
 def resolve_dispatch(name: str) -> str:
     if name == "auto":
         return "sorted_tiles" if jax.default_backend() == "cpu" else "ragged"
@@ -321,8 +339,12 @@ class MoE(nn.Module):
         wd = self.param("experts_down", nn.with_logical_partitioning(init, ("expert", "moe_mlp", "embed")),
                         (E, F, d), pdt)
         dt = dtype_of(cfg.dtype)
-        y = routed_experts(x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt),
-                           cfg.moe_dispatch, cfg.moe_tile_size)
+        if getattr(self.dot_general, "linear_fn", None) is not None:  # FP8 policy (kernels/fp8.py)
+            y = dispatch_fp8_tiles(x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt),
+                                   cfg.moe_tile_size, self.dot_general.linear_fn)
+        else:
+            y = routed_experts(x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt),
+                               cfg.moe_dispatch, cfg.moe_tile_size)
         y = y.astype(dt).reshape(B, T, d)
         if cfg.n_shared_experts > 0:
             y = y + MLP(cfg, F * cfg.n_shared_experts, self.dot_general, name="shared_experts")(x_btd)
