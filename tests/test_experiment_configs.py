@@ -1,0 +1,81 @@
+"""experiments/configs: every arm of every experiment builds a valid run config and model; the arms' matching
+claims hold by arithmetic (attention pairs at matched parameters, MoE arms at equal activated expert width,
+scaling's compute span and DeepSeek LLM's laws); paper-scale presets match PAPER.md's counts."""
+
+import math
+
+import pytest
+
+from deepseek_jax import config, model
+from experiments import sweep
+from experiments.configs import attention, base, moe, scaling
+
+
+@pytest.mark.parametrize("name", sweep.EXPERIMENTS)
+def test_every_arm_builds(name):
+    mod = sweep.load_experiment(name)
+    assert len(mod.SEEDS) >= 3 and mod.CLAIMS
+    for arm in mod.ARMS:
+        if sweep.missing_fields(mod, arm):
+            continue
+        cfg = mod.get_config(f"{arm},seed=2")
+        assert cfg.loop.seed == 2 and cfg.data.seed == 2 and cfg.loop.out_dir.endswith(f"{name}/{arm}/seed2")
+        base.arm_model_config(cfg)  # ModelConfig validates the arm's overrides
+        for claim in mod.CLAIMS:
+            for k in ("a", "b"):
+                assert k not in claim or claim[k] in mod.ARMS
+
+
+def test_bad_arm_and_key_are_named():
+    with pytest.raises(ValueError, match="unknown arm 'nope'"):
+        attention.get_config("nope")
+    with pytest.raises(ValueError, match="train.balance.alfa"):
+        base.experiment_config("x", {"a": {"train.balance.alfa": 1.0}}, "a")
+
+
+def test_attention_pairs_matched_within_half_percent():
+    for a, b in attention.MATCHED_PAIRS:
+        pa = base.derived_values(attention.get_config(a))["params_total"]
+        pb = base.derived_values(attention.get_config(b))["params_total"]
+        assert abs(pa / pb - 1) < 0.005, (a, b, pa, pb)
+    # KV bytes/token (bf16, 3 layers): MLA (r + rope 16) vs MHA 4 heads x (32 + 32)
+    assert base.derived_values(attention.get_config("mla"))["kv_bytes_per_token"] == (96 + 16) * 3 * 2
+    assert base.derived_values(attention.get_config("mha"))["kv_bytes_per_token"] == 4 * 64 * 3 * 2
+
+
+def test_moe_arms_equal_activated_width():
+    widths = {}
+    for arm in moe.ARMS:
+        c = base.arm_model_config(moe.get_config(arm))
+        widths[arm] = (c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts),
+                       c.moe_intermediate_size * (c.n_routed_experts + c.n_shared_experts))
+    assert {w[0] for w in widths.values()} == {320}
+    assert widths["fine_shared"][1] == widths["fine_noshared"][1] == 1088 and widths["coarse"][1] == 1120
+
+
+def test_scaling_plan_follows_deepseek_llm_laws():
+    cs = list(scaling.COMPUTE.values())
+    assert max(cs) / min(cs) >= 30 and len(cs) >= 5
+    for arm in scaling.SIZES:
+        p = scaling.arm_plan(arm)
+        L, d = p["n_layer"], p["d_model"]
+        assert p["M"] == 72 * L * d * d + 12 * L * d * 128
+        assert math.isclose(p["eta"], 0.3118 * p["C"] ** -0.125)
+        assert p["batch"] == max(2, round(0.2920 * p["C"] ** 0.3271 / 128))
+        c = base.arm_model_config(scaling.get_config(arm))
+        # dense MHA with 12 d^2 parameters per layer (+ norms), as M assumes
+        per_layer = 4 * d * d + 3 * d * round(8 * d / 3)
+        counted = model.count_params(c)["total"] - 2 * c.vocab_size * d - d  # embedding, head, final norm
+        assert counted == L * (per_layer + 2 * d)
+        assert c.num_moe_layers == 0 and c.attention == "mha"
+
+
+@pytest.mark.parametrize("name, total, activated", [
+    ("deepseek-v3-671b", 671e9, 37e9),          # PAPER.md: 671B / 37B
+    ("deepseek-v2-236b", 236e9, 21e9),          # PAPER.md: 236B / 21B
+    ("ablation-small-moe-15.7b", 15.7e9, 2.4e9),  # PAPER.md / V3 §4.5: the small ablation MoE, 15.7B / 2.4B
+])
+def test_paper_scale_presets_match_paper_counts(name, total, activated):
+    c = model.count_params(config.preset(name))
+    assert abs(c["total"] / total - 1) < 0.01, c
+    assert abs(c["activated"] / activated - 1) < 0.05, c
