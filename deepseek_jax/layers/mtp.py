@@ -32,14 +32,21 @@ class MTPModule(nn.Module):
     dot_general: Optional[object] = None
 
     @nn.compact
-    def __call__(self, h_prev_btd: jax.Array, emb_next_btd: jax.Array, positions_bt: jax.Array):
-        """Returns (h_k [B, T, d] (pre-norm block output), normed_k [B, T, d] (input to the shared head), aux)."""
+    def __call__(self, h_prev_btd: jax.Array, emb_next_btd: jax.Array, positions_bt: jax.Array, cache=None,
+                 absorb: bool = False):
+        """Returns (h_k [B, T, d] (pre-norm block output), normed_k [B, T, d] (input to the shared head), aux).
+
+        With ``cache`` (this module's own one-layer attention cache; generate.py's speculative decoding) the block
+        attends over it (slot == position, ``absorb`` selects the absorbed MLA path) and a 4th element, the
+        updated cache, is returned."""
         cfg = self.cfg
         e = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="enorm")(emb_next_btd)
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="hnorm")(h_prev_btd)
         x = Dense(cfg.hidden_size, (None, "embed"), cfg.dtype, cfg.param_dtype, cfg.initializer_range,
                   name="eh_proj")(jax.numpy.concatenate([e, h], axis=-1))
-        x, (aux, _) = self.block_cls(cfg, moe=cfg.is_moe_layer(self.layer_idx), dot_general=self.dot_general,
-                                     name="block")(x, positions_bt)
+        x, (aux, new_cache) = self.block_cls(cfg, moe=cfg.is_moe_layer(self.layer_idx), absorb=absorb,
+                                             dot_general=self.dot_general, name="block")(x, positions_bt, cache)
         normed = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="head_norm")(x)
+        if cache is not None:
+            return x, normed, aux, new_cache
         return x, normed, aux
