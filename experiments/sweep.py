@@ -241,8 +241,8 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]):
 
 
 def _fmt(x: float) -> str:
-    if x == 0:
-        return "0"
+    if float(x).is_integer():
+        return f"{int(x):,}"
     if abs(x) >= 1e4:
         return f"{x:,.0f}"
     return f"{x:.4g}" if abs(x) < 1e-3 else f"{x:.4f}".rstrip("0").rstrip(".") if abs(x) < 10 else f"{x:.2f}"
@@ -405,13 +405,15 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                     with open(p) as f:
                         sw = json.load(f)
                     m = sw.get("machine") or {}
-                    machines[(m.get("cpu"), m.get("cpu_count"), m.get("jax"), m.get("backend"))] = sw.get("code_version")
+                    machines.setdefault((m.get("cpu"), m.get("cpu_count"), m.get("jax"), m.get("backend")),
+                                        set()).add(sw.get("code_version"))
         if rows:
             counts = ", ".join(f"{a}: {sum(r['arm'] == a for r in rows)}" for a in dict.fromkeys(r["arm"] for r in rows))
             sec.append(f"Runs: {len(rows)} ({counts}). Tables: `{mod.EXPERIMENT}/runs.csv`, "
                        f"`{mod.EXPERIMENT}/arms.csv`; plot: `{mod.EXPERIMENT}/curves.png`.")
-            for (cpu, cores, jaxv, backend), code in machines.items():
-                sec.append(f"Machine: {cpu}, {cores} cores, jax {jaxv} ({backend}), code {code}.")
+            for (cpu, cores, jaxv, backend), codes in machines.items():
+                sec.append(f"Machine: {cpu}, {cores} cores, jax {jaxv} ({backend}); code version(s) (git HEAD at "
+                           f"the start of each run): {', '.join(sorted(str(c) for c in codes))}.")
             sec.append("")
         sec += ["| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
         for claim in mod.CLAIMS:
