@@ -153,6 +153,10 @@ def fp8_gemm(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s: jax.Array, *, 
     # Pad to whole blocks. Zero operands contribute exact zeros; padded scales are 1.
     bm_, bn_ = min(bm, _next_pow2(M)), min(bn, _next_pow2(N))
     Mp, Np, Kp = -(-M // bm_) * bm_, -(-N // bn_) * bn_, nkb * TILE
+    if not interpret and not k_in_grid:
+        # Compiled for a GPU, the K-loop kernel's operand blocks are [bm, Kp]: Triton wants power-of-two block
+        # shapes. The loop reads only the nkb real K blocks, so the padding costs a copy, not FLOPs.
+        Kp = _next_pow2(Kp)
     f32 = jnp.float32
     a_q = jnp.pad(a_q, ((0, Mp - M), (0, Kp - K)))
     b_q = jnp.pad(b_q, ((0, Np - N), (0, Kp - K)))
