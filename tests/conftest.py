@@ -4,6 +4,10 @@ import tempfile
 # Tests run on CPU in fp32; keep XLA from grabbing every core of a 2-core CI box per xdist worker.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+# 8 virtual CPU devices for tests/parallel (sharded steps on 8-device meshes), set here because XLA reads the flag
+# once, when the backend starts. Everything else is unaffected: jit and device_put still place on device 0.
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 # One persistent compilation cache for the whole session, inherited by the subprocesses of the loop tests, so
 # identical train steps compiled by several runs (kill / resume) compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "deepseek_jax_test_cache"))

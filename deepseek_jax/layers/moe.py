@@ -31,6 +31,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Dense, dtype_of
+from deepseek_jax.parallel import expert_parallel
+from deepseek_jax.parallel.mesh import constrain
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,6 +321,7 @@ class MoE(nn.Module):
         cfg = self.cfg
         B, T, d = x_btd.shape
         E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
+        x_btd = constrain(x_btd, ("batch", "length", "act_embed"))  # no-op without a mesh (parallel/mesh.py)
         x_nd = x_btd.reshape(B * T, d)
         # Router in fp32, never FP8 (V3 §3.3).
         w_router = self.param("router_kernel", nn.with_logical_partitioning(
@@ -339,7 +342,12 @@ class MoE(nn.Module):
         wd = self.param("experts_down", nn.with_logical_partitioning(init, ("expert", "moe_mlp", "embed")),
                         (E, F, d), pdt)
         dt = dtype_of(cfg.dtype)
-        if getattr(self.dot_general, "linear_fn", None) is not None:  # FP8 policy (kernels/fp8.py)
+        ep_aux = {}
+        if expert_parallel.active_mesh() is not None:  # a sharded step with an "expert" mesh axis > 1
+            y, ep_aux["ep_dropped"] = expert_parallel.routed_experts(
+                x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt), cfg.moe_dispatch,
+                cfg.moe_tile_size)
+        elif getattr(self.dot_general, "linear_fn", None) is not None:  # FP8 policy (kernels/fp8.py)
             y = dispatch_fp8_tiles(x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt),
                                    cfg.moe_tile_size, self.dot_general.linear_fn)
         else:
@@ -353,5 +361,5 @@ class MoE(nn.Module):
         seq_counts = onehot_btke.sum(axis=(1, 2))
         probs = scores / scores.sum(-1, keepdims=True) if cfg.scoring_func == "sigmoid" else scores
         aux = {"load": seq_counts.sum(0), "seq_counts": seq_counts,
-               "seq_probs": probs.reshape(B, T, E).mean(1)}
+               "seq_probs": probs.reshape(B, T, E).mean(1), **ep_aux}
         return y, aux

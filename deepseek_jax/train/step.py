@@ -244,6 +244,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
       bias_norm       L2 norm of the whole router collection after the update
       tokens          valid target tokens in the batch
       nonfinite       1 if this step was skipped;  skipped  the running count
+      ep_dropped      routed rows dropped by a capacity-limited expert-parallel all-to-all (only with an "expert"
+                      mesh axis > 1; always 0 with the default dropless buffers)
     """
     validate_train_config(train_cfg)
     net = model_lib.Transformer(model_cfg)
@@ -291,6 +293,9 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
                 for k in range(out.aux["mtp"]["load"].shape[0]):
                     terms.append(balance_terms(out.aux["mtp"]["seq_counts"][k:k + 1],
                                                out.aux["mtp"]["seq_probs"][k:k + 1], T - k - 1))
+            for src in ("moe", "mtp"):  # expert-parallel runs only (parallel/expert_parallel.py): rows dropped
+                if "ep_dropped" in out.aux.get(src, {}):
+                    aux["ep_dropped"] = aux.get("ep_dropped", 0) + out.aux[src]["ep_dropped"].sum()
             if alpha > 0 and terms:
                 n_layers = sum(t.shape[0] for t in terms)
                 bal = alpha * sum(t.sum() for t in terms) / (n_layers * n_seq)
@@ -335,6 +340,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
         }
         if D:
             metrics["mtp_ce"] = aux["mtp_sums"] / mtp_counts
+        if "ep_dropped" in aux:
+            metrics["ep_dropped"] = aux["ep_dropped"].astype(jnp.float32)
         for prefix, key in (("", "load_moe"), ("mtp_", "load_mtp")):
             if key in aux:
                 load = aux[key]
