@@ -50,8 +50,8 @@ LOGICAL_RULES: Dict[str, Union[None, str, Tuple[str, ...]]] = {
     "layers": None,        # the nn.scan axis of stacked blocks
     "vocab": "tensor",
     "embed": "fsdp",
-    "q_lora": None,
-    "kv_lora": None,
+    "q_lora": "fsdp",      # only where "embed" is absent (q_b_proj, kv_b_proj): ZeRO-3 shards every matrix
+    "kv_lora": "fsdp",
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "o_heads": "tensor",
@@ -181,6 +181,18 @@ def abstract_boxed_variables(model_cfg, seq_len: int = 8):
     seq_len = max(seq_len, model_cfg.num_nextn_predict_layers + 2)
     return jax.eval_shape(lambda: Transformer(model_cfg).init(jax.random.PRNGKey(0),
                                                               jnp.zeros((1, seq_len), jnp.int32)))
+
+
+def spec_table(model_cfg, spec) -> Dict[str, Any]:
+    """{"mesh": sizes, "variables": {"params/embed/embedding": [mesh axes per dim], ...}} for every variable
+    (params and router), JSON-ready: the reviewable record of the layout (tests/golden/)."""
+    sizes = mesh_shape(spec)
+    specs = variable_specs(abstract_boxed_variables(model_cfg), sizes)
+    out = {}
+    for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        out[key] = [list(a) if isinstance(a, tuple) else a for a in s]
+    return {"mesh": sizes, "variables": dict(sorted(out.items()))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
