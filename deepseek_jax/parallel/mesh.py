@@ -278,10 +278,20 @@ def init_sharded_state(model_cfg, train_cfg, mesh, rng, seq_len: Optional[int] =
         return init(rng)
 
 
+def put_global(tree, shardings):
+    """Global arrays from host values that every process holds in full (same seed, same checkpoint): each
+    process fills only its addressable shards (``jax.make_array_from_callback``), so this works with one
+    process or many."""
+    def put(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
 def shard_state(state, model_cfg, train_cfg, mesh):
-    """Place an existing (host or single-device) TrainState on the mesh by the rules (single process)."""
+    """Place a host (or single-device) TrainState on the mesh by the rules; every process passes the same state."""
     shardings = to_shardings(state_specs(model_cfg, train_cfg, axis_sizes(mesh)), mesh)
-    return jax.device_put(state, shardings)
+    return put_global(jax.device_get(state), shardings)
 
 
 def shard_batch(batch: Dict[str, Any], mesh, process_local: bool = False) -> Dict[str, jax.Array]:
@@ -298,7 +308,7 @@ def shard_batch(batch: Dict[str, Any], mesh, process_local: bool = False) -> Dic
         if process_local:
             out[k] = jax.make_array_from_process_local_data(sharding, v)
         else:
-            out[k] = jax.device_put(v, sharding)
+            out[k] = put_global(v, sharding)
     return out
 
 
@@ -331,9 +341,9 @@ def shard_train_step(model_cfg, train_cfg, mesh, donate: bool = True, ep_capacit
     def call(state, batch):
         batch = dict(batch)
         for k in ("tokens", "mask"):
-            if k in batch and not isinstance(batch[k], jax.Array):
+            if k in batch and not isinstance(batch[k], jax.Array):  # host values, the same on every process
                 v = np.asarray(batch[k])
-                batch[k] = jax.device_put(v[None] if v.ndim == 2 else v, batch_sh[k])
+                batch[k] = put_global(v[None] if v.ndim == 2 else v, batch_sh[k])
         return jitted(state, batch)
 
     call.jitted = jitted
