@@ -104,7 +104,10 @@ def _fp8_from(v):
     if isinstance(v, Fp8Config):
         return v
     if hasattr(v, "items"):  # dict, ml_collections.ConfigDict
-        return Fp8Config(**dict(v.items()))
+        d = dict(v.items())
+        unknown = set(d) - {f.name for f in dataclasses.fields(Fp8Config)}
+        _check(not unknown, "fp8", f"unknown field(s) {sorted(unknown)}")
+        return Fp8Config(**d)
     return v  # rejected by validation
 
 

@@ -276,3 +276,27 @@ def test_dgrad_blocks_vs_tiles_with_outlier_tokens(linear_case):
         dx = np.asarray(fp8.fp8_matmul_ref(q, s, block, wq, sw, (128, 128)))
         errs[block] = rel(dx[normal], exact[normal])
     assert errs[(1, 128)] < 0.06 and errs[(128, 128)] > 4 * errs[(1, 128)], errs
+
+
+def test_model_config_fp8_field():
+    from deepseek_jax.config import ModelConfig, preset
+    c = preset("tiny", fp8={"pow2_scales": True})
+    assert c.fp8 == Fp8Config(pow2_scales=True) and preset("tiny", fp8=True).fp8 == Fp8Config()
+    assert preset("tiny", fp8=False).fp8 is None and preset("tiny").fp8 is None
+    assert ModelConfig.from_dict(c.to_dict()) == c  # nested dataclass round trip
+    assert "fp8" not in c.to_hf()  # execution policy, not checkpoint
+    with pytest.raises(ValueError, match="ModelConfig.fp8.fmt"):
+        preset("tiny", fp8={"fmt": "e3m4"})
+    with pytest.raises(ValueError, match="ModelConfig.fp8:"):
+        preset("tiny", fp8="yes")
+    with pytest.raises(ValueError, match="no_such_field"):
+        preset("tiny", fp8={"no_such_field": 1})
+
+
+def test_e5m2_linear_is_coarser_than_e4m3(linear_case):
+    x, w, dy = (jnp.asarray(v) for v in linear_case)
+    errs = {}
+    for fmt in ("e4m3", "e5m2"):
+        y = fp8.fp8_linear(x, w, Fp8Config(fmt=fmt))
+        errs[fmt] = rel(y, np.asarray(x, np.float64) @ np.asarray(w, np.float64))
+    assert errs["e4m3"] < errs["e5m2"] < 0.15, errs  # one mantissa bit fewer: about twice the error
