@@ -1,0 +1,172 @@
+"""MTP self-speculative decoding on a trained model: acceptance rate and speed-up over plain greedy decoding.
+
+Issue 6 acceptance item (V3 §5.4.3 reports 85-90% acceptance of the second token and 1.8x tokens/s for the
+full model). The model is a training run's checkpoint with an MTP module, by default the quickstart's:
+
+    python -m experiments.run --config=experiments/configs/quickstart.py --config.loop.out_dir=runs/decode_quickstart
+    python experiments/speculative.py --run runs/decode_quickstart --write
+
+Prompts: the first `--prompt-len` tokens of the first `--prompts` validation documents of the run's corpus (the
+same hash split the run used, so the model never trained on them). Each prompt is continued greedily by up to
+`--new` tokens (stopping at EOS) twice: plain (generate.generate) and speculative (generate.generate_speculative,
+batch 1). The outputs must be identical token for token (the script fails otherwise). Acceptance rate = accepted
+drafts / verified drafts over all prompts; tokens/s = new tokens / wall time of the call (compile excluded: one
+untimed call of each first); rounds alternate plain and speculative; median of `--rounds` per prompt. Writes
+experiments/results/decode_speculative_quickstart.{md,json} with --write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/decode_quickstart", help="training run directory (experiments.run)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from deepseek_jax import data as data_lib
+    from deepseek_jax import generate
+    from deepseek_jax.metrics import cpu_model
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cfg, variables, tok_spec, step = generate.load_run(args.run)
+    with open(os.path.join(args.run, "config.json")) as f:
+        run_cfg = json.load(f)
+    tok = data_lib.get_tokenizer(tok_spec)
+    docs = data_lib.load_corpus(run_cfg["data.corpus"])
+    _, val_docs = data_lib.split(docs, run_cfg["data.val_fraction"])
+    prompts = []
+    for d in val_docs:
+        ids = tok.encode(d.text)
+        if len(ids) >= args.prompt_len:
+            prompts.append(ids[:args.prompt_len])
+        if len(prompts) == args.prompts:
+            break
+    max_len = args.prompt_len + args.new
+
+    def plain(p):
+        return generate.generate(cfg, variables, p, args.new, eos_id=tok.eos_id, max_len=max_len)
+
+    def spec(p):
+        return generate.generate_speculative(cfg, variables, p, args.new, eos_id=tok.eos_id, max_len=max_len)
+
+    t0 = time.perf_counter()
+    plain(prompts[0]), spec(prompts[0])
+    compile_s = time.perf_counter() - t0
+    rows = []
+    for i, p in enumerate(prompts):
+        a = plain(p)
+        b, stats = spec(p)
+        if not (len(a) == len(b) and (a == b).all()):
+            raise SystemExit(f"prompt {i}: speculative output differs from plain greedy decoding")
+        t_plain, t_spec = [], []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            plain(p)
+            t_plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            spec(p)
+            t_spec.append(time.perf_counter() - t0)
+        row = {"prompt": tok.decode(p), "new_tokens": len(a), "verify_steps": stats["verify_steps"],
+               "drafts_accepted": stats["drafts_accepted"], "acceptance_rate": stats["acceptance_rate"],
+               "tokens_per_step": stats["tokens_per_step"], "plain_s": t_plain, "speculative_s": t_spec,
+               "plain_tokens_per_s": len(a) / statistics.median(t_plain),
+               "speculative_tokens_per_s": len(a) / statistics.median(t_spec),
+               "completion": tok.decode(a)}
+        row["speedup"] = row["speculative_tokens_per_s"] / row["plain_tokens_per_s"]
+        rows.append(row)
+        print(f"prompt {i}: {len(a)} tokens, acceptance {row['acceptance_rate']:.3f}, plain "
+              f"{row['plain_tokens_per_s']:.0f} tok/s, speculative {row['speculative_tokens_per_s']:.0f} tok/s "
+              f"(x{row['speedup']:.2f})", flush=True)
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    acc = sum(r["drafts_accepted"] for r in rows) / sum(r["verify_steps"] for r in rows)
+    tokens = sum(r["new_tokens"] for r in rows)
+    t_plain = sum(statistics.median(r["plain_s"]) for r in rows)
+    t_spec = sum(statistics.median(r["speculative_s"]) for r in rows)
+    summary = {"acceptance_rate": acc, "tokens": tokens,
+               "main_model_calls_plain": tokens, "main_model_calls_speculative":
+                   sum(r["verify_steps"] + 1 for r in rows),
+               "plain_tokens_per_s": tokens / t_plain, "speculative_tokens_per_s": tokens / t_spec,
+               "speedup": t_plain / t_spec, "speedup_median_of_prompts": statistics.median(r["speedup"] for r in rows)}
+    print(json.dumps(summary, indent=1))
+
+    if args.write:
+        import jaxlib
+        cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+        summ_path = os.path.join(args.run, "summary.json")
+        run_summary = json.load(open(summ_path)) if os.path.exists(summ_path) else {}
+        machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                   "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                   "load_before": load_before, "load_after": load_after,
+                   "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+        out = {"command": cmd, "date": date, "machine": machine, "run": os.path.abspath(args.run), "step": step,
+               "run_code_version": run_summary.get("code_version"), "run_validation": run_summary.get("validation"),
+               "model_config": cfg.to_dict(), "settings": vars(args), "compile_s": compile_s, "summary": summary,
+               "rows": rows}
+        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "decode_speculative_quickstart.json"), "w") as f:
+            json.dump(out, f, indent=2, default=str)
+        val = run_summary.get("validation") or {}
+        md = [
+            "# MTP self-speculative decoding on the quickstart model (CPU)",
+            "",
+            f"Generated by `{cmd}` on {date}.",
+            "",
+            f"- model: the quickstart run `{args.run}` (step {step}; trained by `python -m experiments.run "
+            f"--config=experiments/configs/quickstart.py --config.loop.out_dir={args.run}`, code "
+            f"{run_summary.get('code_version')}; validation loss {val.get('loss', float('nan')):.3f}, "
+            f"{val.get('bpb', float('nan')):.3f} bits/byte); preset small with MTP depth 1, byte tokenizer",
+            f"- prompts: the first {args.prompt_len} tokens of {len(prompts)} validation documents; up to "
+            f"{args.new} new tokens each, greedy, stopping at EOS; batch 1",
+            "- speculative: the MTP module drafts the token after next, the main model verifies both in one T=2 "
+            "step (deepseek_jax/generate.py); outputs checked identical to plain greedy decoding for every prompt",
+            f"- timing: compile excluded; per prompt, {args.rounds} rounds alternating plain and speculative, "
+            "median; totals = all tokens / sum of per-prompt medians",
+            f"- machine: {machine['cpu']}, {machine['cores']} cores; load average before {load_before}, after "
+            f"{load_after}" + (" (shared machine: other jobs were running, timings are noisy)"
+                               if max(load_before[0], load_after[0]) > 1.0 else ""),
+            f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, python {machine['python']}, "
+            f"XLA_FLAGS={machine['XLA_FLAGS']!r}",
+            "",
+            f"**Acceptance rate {acc:.3f}** ({sum(r['drafts_accepted'] for r in rows)} of "
+            f"{sum(r['verify_steps'] for r in rows)} drafts); {tokens} tokens in "
+            f"{summary['main_model_calls_speculative']} main-model calls instead of {tokens} "
+            f"({tokens / summary['main_model_calls_speculative']:.2f} tokens per call); "
+            f"**speed-up x{summary['speedup']:.2f}** ({summary['plain_tokens_per_s']:.0f} -> "
+            f"{summary['speculative_tokens_per_s']:.0f} tokens/s).",
+            "",
+            "| prompt | new tokens | acceptance | plain tok/s | speculative tok/s | speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for i, r in enumerate(rows):
+            md.append(f"| {i} | {r['new_tokens']} | {r['acceptance_rate']:.3f} | {r['plain_tokens_per_s']:.0f} | "
+                      f"{r['speculative_tokens_per_s']:.0f} | {r['speedup']:.2f} |")
+        md += ["", "Prompt 0 and its greedy completion:", "", "```", rows[0]["prompt"] + rows[0]["completion"],
+               "```", ""]
+        with open(os.path.join(d, "decode_speculative_quickstart.md"), "w") as f:
+            f.write("\n".join(md))
+        print(f"wrote {d}/decode_speculative_quickstart.{{md,json}}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
