@@ -125,7 +125,7 @@ def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile:
     if capacity_factor is None:
         capacity_factor = mesh_lib.active_ep_capacity_factor()
     if mesh is None:
-        raise ValueError("expert_parallel=True needs an active mesh: run the step through "
+        raise ValueError("the expert-parallel dispatch needs an active mesh: run the step through "
                          "parallel.mesh.shard_train_step, or trace inside parallel.mesh.use_mesh(mesh)")
     sizes = mesh_lib.axis_sizes(mesh)
     n_ep, n_tp = sizes["expert"], sizes["tensor"]

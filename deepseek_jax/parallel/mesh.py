@@ -274,8 +274,7 @@ def init_sharded_state(model_cfg, train_cfg, mesh, rng, seq_len: Optional[int] =
     from deepseek_jax.train.step import init_train_state
     shardings = to_shardings(state_specs(model_cfg, train_cfg, axis_sizes(mesh)), mesh)
     init = jax.jit(lambda r: init_train_state(model_cfg, train_cfg, r, seq_len), out_shardings=shardings)
-    with use_mesh(mesh):
-        return init(rng)
+    return init(rng)  # traced without use_mesh: init runs the model on a 1-sequence dummy batch, no EP needed
 
 
 def put_global(tree, shardings):

@@ -126,3 +126,18 @@ def test_batch_not_divisible_raises():
     state = jax.eval_shape(lambda: _state(CFG, tc))
     with pytest.raises(ValueError, match="not divisible by the mesh's batch axes"):
         step.jitted.lower(state, {"tokens": jax.ShapeDtypeStruct((1, 4, SEQ + 1), jnp.int32)})
+
+
+def test_init_sharded_state_lays_out_by_the_rules():
+    tc = _train_cfg()
+    mesh = mesh_lib.make_mesh({"fsdp": 2, "expert": 4})
+    state = mesh_lib.init_sharded_state(CFG, tc, mesh, jax.random.PRNGKey(0), seq_len=SEQ)
+    specs = mesh_lib.state_specs(CFG, tc, mesh_lib.axis_sizes(mesh))
+    got = jax.tree_util.tree_map(lambda x: x.sharding.spec, (state.params, state.router))
+    want = (specs.params, specs.router)
+    is_p = lambda x: isinstance(x, P)
+    assert jax.tree_util.tree_leaves(got, is_leaf=is_p) == jax.tree_util.tree_leaves(want, is_leaf=is_p)
+    gate = state.params["moe_layers"]["mlp"]["experts_gate"]  # [1, 8, 64, 32]: experts over 4, d over 2
+    assert gate.sharding.spec == P(None, "expert", "fsdp")
+    assert gate.addressable_shards[0].data.shape == (1, 2, 32, 32)
+    assert float(jnp.abs(gate).max()) > 0  # initialised, not zeros
