@@ -311,6 +311,8 @@ class MoE(nn.Module):
       load        [E]     tokens routed to each expert (sum over the batch; the bias update's input)
       seq_counts  [B, E]  per-sequence routed counts  (f_i numerator of the sequence-wise loss, eq. 18)
       seq_probs   [B, E]  per-sequence mean of s_i / sum_j s_j  (P_i, eq. 19)
+      ep_dropped  []      only under expert parallelism (an active mesh with an "expert" axis > 1, set by
+                          parallel/mesh.py): routed rows the all-to-all buffer dropped, whole batch (0 when dropless)
     """
 
     cfg: ModelConfig
