@@ -5,7 +5,13 @@ bfloat16 in both arms; the "fp8" arm adds ModelConfig.fp8 = True, i.e. E4M3 bloc
 reference path):
 
     python -m experiments.sweep fp8 --seeds 0          # then --seeds 1,2; logs land in experiments/results/fp8/runs/
+    python -m experiments.run --config=experiments/configs/fp8.py:bf16,seed=0 --config.loop.seed=100 \
+        --config.loop.out_dir=runs/fp8_control/bf16_init100_data0 --config.loop.progress=False   # noise control
     python experiments/fp8_train_gap.py                # this script: gap table and plot from those logs
+
+The control is the BF16 arm again with seed 0's data order but another initialisation (loop.seed 100): its gap to
+BF16 seed 0 is what run-to-run noise alone gives at this scale. This script copies its small logs to
+experiments/results/fp8/control/.
 
 For every seed run in both arms (same data order and init: the seed sets both), per logged step:
 gap = (CE_fp8 - CE_bf16) / CE_bf16 on the training batch, and at each validation point the same for the validation
@@ -48,6 +54,25 @@ def load(arm: str):
     return runs
 
 
+CONTROL_RUN = os.path.join(os.path.dirname(RESULTS), "..", "..", "runs", "fp8_control", "bf16_init100_data0")
+CONTROL = os.path.join(RESULTS, "control", "bf16_init100_data0")
+
+
+def load_control():
+    """The noise-control run's logs (copied from runs/ into results on first use), or None."""
+    import shutil
+    if os.path.exists(os.path.join(CONTROL_RUN, "summary.json")):
+        os.makedirs(CONTROL, exist_ok=True)
+        for f in ("config.json", "metrics.jsonl", "validation.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(CONTROL_RUN, f)):
+                shutil.copy(os.path.join(CONTROL_RUN, f), os.path.join(CONTROL, f))
+    if not os.path.exists(os.path.join(CONTROL, "summary.json")):
+        return None
+    train = {r["step"]: r["ce"] for r in _jsonl(os.path.join(CONTROL, "metrics.jsonl")) if "ce" in r}
+    val = {r["step"]: r["loss"] for r in _jsonl(os.path.join(CONTROL, "validation.jsonl")) if "loss" in r}
+    return dict(train=train, val=val)
+
+
 def main():
     bf, f8 = load("bf16"), load("fp8")
     seeds = sorted(set(bf) & set(f8))
@@ -74,9 +99,22 @@ def main():
                    final_val_gap_std=float(finals.std(ddof=1)) if len(seeds) > 1 else None,
                    mean_abs_train_gap_second_half=float(halves.mean()), paper_tol=PAPER_TOL,
                    within_paper_tol=bool(abs(finals.mean()) < PAPER_TOL))
+    ctrl = load_control()
+    control = None
+    if ctrl is not None and 0 in bf:
+        steps = sorted(set(ctrl["train"]) & set(bf[0]["train"]))
+        cgap = np.array([(ctrl["train"][t] - bf[0]["train"][t]) / bf[0]["train"][t] for t in steps])
+        vsteps = sorted(set(ctrl["val"]) & set(bf[0]["val"]))
+        cv = [(ctrl["val"][t] - bf[0]["val"][t]) / bf[0]["val"][t] for t in vsteps]
+        half = np.asarray(steps) > steps[-1] / 2
+        control = dict(steps=steps, train_gap=cgap.tolist(), val_steps=vsteps, val_gap=cv,
+                       final_val_gap=cv[-1] if cv else None,
+                       mean_abs_train_gap_second_half=float(np.abs(cgap[half]).mean()))
+        summary["control_final_val_gap"] = control["final_val_gap"]
+        summary["control_mean_abs_train_gap_second_half"] = control["mean_abs_train_gap_second_half"]
     prov = provenance()
     write_json("train_gap.json", dict(description=__doc__.split("\n\n")[1].strip(), summary=summary,
-                                      per_seed=per_seed, provenance=prov))
+                                      per_seed=per_seed, control=control, provenance=prov))
 
     std = summary["final_val_gap_std"]
     lines = ["# FP8 vs BF16 training: relative loss gap (V3 App. B.1: < 0.25%)\n", provenance_md(prov),
@@ -96,6 +134,12 @@ def main():
                  + f"; paper: < {PAPER_TOL:.2%}. Mean |train-CE gap| over the second half: "
                  f"{summary['mean_abs_train_gap_second_half']:.3%} (single batches: includes batch noise of the "
                  "two arms' different parameters).")
+    if control is not None:
+        lines.append(f"\nNoise control (BF16, seed 0's data, another init): final validation gap to BF16 seed 0 "
+                     f"{control['final_val_gap']:+.3%}, mean |train-CE gap| over the second half "
+                     f"{control['mean_abs_train_gap_second_half']:.3%}: the mean FP8 final gap is "
+                     + ("within" if abs(summary["final_val_gap_mean"]) <= abs(control["final_val_gap"]) else
+                        "larger than") + " this one-run estimate of run-to-run noise.")
     write_text("train_gap.md", "\n".join(lines) + "\n")
 
     import matplotlib
@@ -111,6 +155,10 @@ def main():
         ax2.plot(p["steps"], 100 * np.asarray(p["train_gap"]), color="gray", alpha=0.5,
                  label="train CE gap (per seed)" if s == seeds[0] else None)
         ax2.plot(p["val_steps"], 100 * np.asarray(p["val_gap"]), "ko", label="val loss gap" if s == seeds[0] else None)
+    if control is not None:
+        ax2.plot(control["steps"], 100 * np.asarray(control["train_gap"]), color="tab:purple", alpha=0.6,
+                 label="control: bf16 other init vs bf16 (seed 0)")
+        ax2.plot(control["val_steps"], 100 * np.asarray(control["val_gap"]), "s", color="tab:purple")
     ax2.axhspan(-100 * PAPER_TOL, 100 * PAPER_TOL, color="tab:green", alpha=0.2, label="paper: < 0.25%")
     ax1.set_ylabel("training CE")
     ax1.legend()
