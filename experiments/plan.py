@@ -210,6 +210,7 @@ def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_bat
 
     fl = flops_per_token(cfg, seq_len)
     tok_s_gpu = 1e12 / (PAPER_GPU_HOURS_PER_T_TOKENS * 3600)
+    step_s = global_batch * seq_len / (tok_s_gpu * n_dev)  # at the paper's throughput on this many devices
     mfu = {f"{k}_{p}": tok_s_gpu * fl[k] / v for k in ("main", "with_mtp") for p, v in H800_PEAK.items()}
 
     total = p_bytes + r_bytes + o_bytes + g_bytes + act_bytes + block_ws + ep_layer_buffers
@@ -228,7 +229,8 @@ def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_bat
         "all_to_all_bytes_per_step_per_device": {
             "routed_rows_balanced": a2a_routed, "static_buffers": a2a_buffer, "capacity_rows_per_peer": cap,
             "moe_layers": moe_layers, "passes_per_micro_batch": passes},
-        "paper_implied": {"tokens_per_s_per_gpu": tok_s_gpu, "mfu": mfu,
+        "paper_implied": {"tokens_per_s_per_gpu": tok_s_gpu, "mfu": mfu, "step_seconds": step_s,
+                          "all_to_all_bytes_per_s_per_device": a2a_routed / step_s,
                           "h800_peak_flops": H800_PEAK, "gpu_hours_per_trillion_tokens": PAPER_GPU_HOURS_PER_T_TOKENS},
     }
 
@@ -275,7 +277,12 @@ def _md(r: Dict[str, Any], command: str, machine: Dict[str, Any]) -> str:
         "",
         f"Paper-implied MFU: 180K H800 GPU-hours per 1T tokens = {r['paper_implied']['tokens_per_s_per_gpu']:,.0f} "
         f"tokens/s/GPU; x FLOPs/token over the dense peak: main model {m['main_bf16']:.1%} of BF16 "
-        f"({m['main_fp8']:.1%} of FP8), with MTP {m['with_mtp_bf16']:.1%} of BF16 ({m['with_mtp_fp8']:.1%} of FP8).",
+        f"({m['main_fp8']:.1%} of FP8), with MTP {m['with_mtp_bf16']:.1%} of BF16 ({m['with_mtp_fp8']:.1%} of FP8). "
+        f"At that rate a step of this batch on {r['devices']} devices takes {r['paper_implied']['step_seconds']:.1f} s, "
+        f"so the balanced routed all-to-all above needs "
+        f"{r['paper_implied']['all_to_all_bytes_per_s_per_device'] / 1e9:,.0f} GB/s per device, overlapped with "
+        f"compute (the recompute pass of remat included; V3 §3.2 overlaps it by DualPipe and limits a token to 4 "
+        f"nodes).",
         "",
     ]
     return "\n".join(lines)
