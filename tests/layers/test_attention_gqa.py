@@ -121,15 +121,21 @@ def test_count_params_by_hand(kind, kv_heads):
 
 
 def test_transformer_with_gqa_decodes_like_full_forward():
-    cfg = config.preset("tiny", attention="gqa", num_key_value_heads=2)
-    variables = model.init(cfg, jax.random.PRNGKey(0), seq_len=8)
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 8), 0, cfg.vocab_size)
+    cfg = config.preset("tiny", attention="gqa", num_key_value_heads=2, num_hidden_layers=2, moe_dispatch="dense",
+                        num_nextn_predict_layers=0)
     net = model.Transformer(cfg)
-    full = net.apply(variables, tokens).logits
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 8), 0, cfg.vocab_size)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), tokens)))
+    leaves, tree = jax.tree_util.tree_flatten(shapes)  # random variables without model.init's compile
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    variables = jax.tree_util.tree_unflatten(tree, [0.1 * jax.random.normal(k, s.shape, s.dtype)
+                                                    for k, s in zip(keys, leaves)])
+    apply = jax.jit(net.apply)
+    full = apply(variables, tokens).logits
     cache = generate.init_cache(cfg, 1, 8)
     pos = jnp.arange(8)[None]
-    out = net.apply(variables, tokens[:, :5], pos[:, :5], cache)
-    step = net.apply(variables, tokens[:, 5:], pos[:, 5:], out.cache)
+    out = apply(variables, tokens[:, :5], pos[:, :5], cache)
+    step = apply(variables, tokens[:, 5:], pos[:, 5:], out.cache)
     got = jnp.concatenate([out.logits, step.logits], 1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), rtol=1e-4, atol=1e-4)
 

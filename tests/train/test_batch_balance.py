@@ -1,6 +1,7 @@
 """Batch-wise balance loss (V3 §4.5.3): a hand-computed value, its relation to the sequence-wise term, and the
 train step's ``balance.scope = "batch"`` against a direct forward pass."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,8 @@ from deepseek_jax.model import Transformer
 from deepseek_jax.train import losses
 from deepseek_jax.train.step import default_train_config, init_train_state, make_train_step, validate_train_config
 
-TINY = config.preset("tiny", moe_dispatch="dense")  # as tests/train/conftest.py's tiny_variables
+# Two layers (dense + MoE) plus MTP: the smallest model that has both kinds of balance terms (compiles fast).
+SMALL = config.preset("tiny", moe_dispatch="dense", num_hidden_layers=2, rope_scaling=None)
 SEQ = 8
 
 
@@ -30,16 +32,35 @@ def test_batch_terms_hand_values():
                                rtol=1e-6)
 
 
-def test_train_step_batch_scope_matches_forward(tiny_variables):
+def _variables(cfg):
+    """Variables from the model's own shapes (eval_shape) filled with N(0, 0.02) draws, router bias 0, norm gains
+    1: as tests/train/conftest.py, without model.init's ~10 s compile."""
+    shapes = nn.meta.unbox(jax.eval_shape(
+        lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32))))
+    rs = np.random.RandomState(0)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if name.startswith("['router']"):
+            return jnp.zeros(s.shape, s.dtype)
+        if name.endswith("['scale']"):
+            return jnp.ones(s.shape, s.dtype)
+        return jnp.asarray(rs.normal(0.0, 0.02, s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_train_step_batch_scope_matches_forward():
     tc = default_train_config(10, peak_lr=1e-3, warmup_steps=1)
     tc.balance.scope = "batch"
     tc.balance.alpha = 0.01
     tc.mtp.lambda_ = 0.0
-    tokens = jax.random.randint(jax.random.PRNGKey(3), (4, SEQ + 1), 0, TINY.vocab_size)
-    state = init_train_state(TINY, tc, None, variables=tiny_variables)
-    _, m = jax.jit(make_train_step(TINY, tc))(state, {"tokens": tokens})
-    out = Transformer(TINY).apply(tiny_variables, tokens[:, :-1])
-    K = TINY.num_experts_per_tok
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (4, SEQ + 1), 0, SMALL.vocab_size)
+    variables = _variables(SMALL)
+    state = init_train_state(SMALL, tc, None, variables=variables)
+    _, m = jax.jit(make_train_step(SMALL, tc))(state, {"tokens": tokens})
+    out = jax.jit(Transformer(SMALL).apply)(variables, tokens[:, :-1])
+    K = SMALL.num_experts_per_tok
     terms = [losses.batch_balance_terms(out.aux["moe"]["seq_counts"], out.aux["moe"]["seq_probs"], K, SEQ)]
     terms.append(losses.batch_balance_terms(out.aux["mtp"]["seq_counts"], out.aux["mtp"]["seq_probs"], K, SEQ - 1))
     want = 0.01 * float(jnp.concatenate(terms).mean())
