@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "dense")
+MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "dense", "gather")  # gather: decode steps (generate.py)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("mla", "mha", "gqa")  # mla: DeepSeek's latent attention; mha/gqa: per-head KV (ablation baselines)

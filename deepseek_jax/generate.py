@@ -177,18 +177,33 @@ def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, max_len: Opti
     return out, int(max_len)
 
 
-def _eos(eos_id) -> int:
-    return -1 if eos_id is None else int(eos_id)
+def _eos(eos_id, vocab_size: int) -> int:
+    """EOS id for the compiled loop (-1: none, never matches a token)."""
+    if eos_id is None:
+        return -1
+    if not (isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < vocab_size):
+        raise ValueError(f"eos_id must be None or an int in [0, vocab_size={vocab_size}), got {eos_id!r}")
+    return int(eos_id)
 
 
 DECODE_TILE = 8  # sorted_tiles rows per tile in decode steps (see _step_cfg)
+GATHER_MAX_ROWS = 8  # decode steps routing at most this many rows use the "gather" MoE dispatch on CPU
 
 
-def _step_cfg(cfg: ModelConfig) -> ModelConfig:
-    """The config of the decode-step modules: a decode step routes only B * T * top-k rows, so the sorted_tiles
-    dispatch's default tile of 128 rows would be mostly padding (one tile per used expert); 8-row tiles were
-    3.1x (batch 1) and 2.2x (batch 8) faster on CPU (experiments/bench_decode.py model). Same parameters, and
-    the same function: the dispatch only changes how rows are grouped into matmuls."""
+def _step_cfg(cfg: ModelConfig, tokens_per_step: int) -> ModelConfig:
+    """The config of the decode-step modules. A step routes only B * T * top-k rows, so on CPU (where "auto" means
+    sorted_tiles) the default 128-row tile would be mostly padding (one tile per used expert): steps routing at
+    most GATHER_MAX_ROWS rows gather each row's expert weights instead (moe.dispatch_gather), larger ones use
+    8-row tiles. Measured on the experiments/bench_decode.py model (CPU, one step): batch 1 (4 rows) 128-row
+    tiles 16 ms, 8-row tiles 6 ms, gather 3-4 ms; batch 8 (32 rows) 128-row tiles 29 ms, 8-row tiles 9-16 ms,
+    gather 12-60 ms (noisy, loaded machine). Same parameters and the same function: the dispatch only changes
+    how rows meet their experts' weights. An explicit non-auto dispatch is kept."""
+    from deepseek_jax.layers.moe import resolve_dispatch
+
+    if cfg.moe_dispatch != "auto" or resolve_dispatch("auto") != "sorted_tiles":
+        return cfg
+    if tokens_per_step * cfg.num_experts_per_tok <= GATHER_MAX_ROWS:
+        return cfg.replace(moe_dispatch="gather")
     return cfg.replace(moe_tile_size=min(cfg.moe_tile_size, DECODE_TILE))
 
 
@@ -221,8 +236,8 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
     stopped), counts [B], logits [B, N, V] or None). limits_b: new tokens allowed per row."""
     from deepseek_jax.model import Transformer
 
-    net, step_net = Transformer(cfg, dot_general), Transformer(_step_cfg(cfg), dot_general)
     B, P = tokens_bp.shape
+    net, step_net = Transformer(cfg, dot_general), Transformer(_step_cfg(cfg, B), dot_general)
     N = max_new_tokens
     pos_bp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (B, P))
     out = net.apply(variables, tokens_bp, pos_bp, init_cache(cfg, B, cache_len, cfg.dtype), absorb=False)
@@ -266,19 +281,20 @@ def generate_batch(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]]
                    max_len: Optional[int] = None, return_logits: bool = False, dot_general=None):
     """Continue each prompt (prompts of different lengths allowed) by up to ``max_new_tokens`` tokens.
 
-    max_len: cache length = the most tokens (prompt + generated) any row may reach; default longest prompt +
-    max_new_tokens. A row stops after EOS (``eos_id``; included in its output), after max_new_tokens, or at
-    max_len. Returns a list of int32 arrays (the new tokens of each prompt), and with ``return_logits`` also a
-    list of fp32 [n_i, V] arrays: the logits each new token was sampled from.
+    max_len: the most tokens (prompt + generated) any row may reach (the cache length, rounded up to 16);
+    default longest prompt + max_new_tokens. A row stops after EOS (``eos_id``; included in its output), after
+    max_new_tokens, or at max_len. Returns a list of int32 arrays (the new tokens of each prompt), and with
+    ``return_logits`` also a list of fp32 [n_i, V] arrays: the logits each new token was sampled from.
     """
     sampling = Sampling(temperature, top_k, top_p).check(cfg.vocab_size)
     prompts, max_len = _check_prompts(cfg, prompts, max_new_tokens, max_len)
     B = len(prompts)
     tokens_bp, lengths_b, cache_len = _shapes(cfg, prompts, max_len)
     limits_b = np.minimum(max_new_tokens, max_len - lengths_b).astype(np.int32)
+    eos = jnp.int32(_eos(eos_id, cfg.vocab_size))
     toks, counts, logits = _decode(variables, jnp.asarray(tokens_bp), jnp.asarray(lengths_b),
-                                   jnp.asarray(limits_b), jnp.int32(_eos(eos_id)), jax.random.PRNGKey(seed),
-                                   cfg=cfg, cache_len=cache_len, max_new_tokens=int(max_new_tokens), sampling=sampling,
+                                   jnp.asarray(limits_b), eos, jax.random.PRNGKey(seed), cfg=cfg, cache_len=cache_len,
+                                   max_new_tokens=int(max_new_tokens), sampling=sampling,
                                    return_logits=return_logits, dot_general=dot_general)
     toks, counts = np.asarray(toks), np.asarray(counts)
     new = [toks[i, :counts[i]] for i in range(B)]
@@ -329,7 +345,8 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
     token j, PAD_OUT where none was). The verify step writes slots p, p + 1 <= L + limit - 1 < cache_len."""
     from deepseek_jax.model import Transformer
 
-    net, step_net = Transformer(cfg, dot_general), Transformer(_step_cfg(cfg), dot_general)
+    step_cfg = _step_cfg(cfg, 2)  # verify: [pending token, draft]; the MTP step: the same two positions
+    net, step_net = Transformer(cfg, dot_general), Transformer(step_cfg, dot_general)
     _, P = tokens_1p.shape
     N = max_new_tokens
     pos_1p = jnp.arange(P, dtype=jnp.int32)[None]
@@ -357,7 +374,7 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
         acc = d == y[0]
         toks = toks.at[count].set(y[0]).at[count + 1].set(jnp.where(acc, y[1], PAD_OUT))
         done = (y[0] == eos_id) | (acc & (y[1] == eos_id))
-        mlog, mcache = _mtp_apply(_step_cfg(cfg), variables, o.hidden, y[None], pos_12, mcache, True, dot_general)
+        mlog, mcache = _mtp_apply(step_cfg, variables, o.hidden, y[None], pos_12, mcache, True, dot_general)
         dr = jnp.argmax(mlog[0], -1).astype(jnp.int32)
         acc_i = acc.astype(jnp.int32)
         return (jnp.where(acc, y[1], y[0]), jnp.where(acc, dr[1], dr[0]), p + 1 + acc_i, o.cache,
@@ -386,9 +403,10 @@ def generate_speculative(cfg: ModelConfig, variables, prompt, max_new_tokens: in
     (p,), max_len = _check_prompts(cfg, [prompt], max_new_tokens, max_len)
     limit = min(int(max_new_tokens), max_len - len(p))
     tokens_1p, _, cache_len = _shapes(cfg, [p], max_len)
+    eos = jnp.int32(_eos(eos_id, cfg.vocab_size))
     toks, count, steps, accepted, drafts = _speculative(
-        variables, jnp.asarray(tokens_1p), jnp.int32(len(p)), jnp.int32(limit), jnp.int32(_eos(eos_id)), cfg=cfg,
-        cache_len=cache_len, max_new_tokens=int(max_new_tokens), dot_general=dot_general)
+        variables, jnp.asarray(tokens_1p), jnp.int32(len(p)), jnp.int32(limit), eos, cfg=cfg, cache_len=cache_len,
+        max_new_tokens=int(max_new_tokens), dot_general=dot_general)
     toks, count, steps, accepted = np.asarray(toks), int(count), int(steps), int(accepted)
     new = toks[:min(count, limit)]
     if eos_id is not None and (new == eos_id).any():

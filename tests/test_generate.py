@@ -86,6 +86,23 @@ def test_cache_bytes_per_token_per_layer(dtype):
     assert generate.cache_bytes_per_token_per_layer(mtp) == (CFG.kv_lora_rank + CFG.qk_rope_head_dim) * item
 
 
+def test_gather_dispatch_equals_dense():
+    """The decode-step MoE dispatch (moe.dispatch_gather) computes the same function as the dense reference."""
+    from deepseek_jax.layers import moe
+
+    ks = jax.random.split(jax.random.PRNGKey(5), 5)
+    N, K, E, d, F = 3, 2, 8, 16, 12
+    x = jax.random.normal(ks[0], (N, d))
+    idx = jnp.array([[4, 1], [4, 3], [7, 4]])  # expert 4 serves every token
+    w = jax.random.uniform(ks[2], (N, K))
+    wg, wu = jax.random.normal(ks[3], (2, E, d, F)) * 0.3
+    wd = jax.random.normal(ks[4], (E, F, d)) * 0.3
+    ref = jax.jit(moe.dispatch_dense)(x, idx, w, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(jax.jit(moe.dispatch_gather)(x, idx, w, wg, wu, wd)), np.asarray(ref),
+                               rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(ref)).max() > 0.1
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Plain decoding
 # --------------------------------------------------------------------------------------------------------------
@@ -183,6 +200,8 @@ def test_bad_input_raises(tiny):
         generate.generate(CFG, tiny, [1, 2], 0)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=1024"):
         generate.generate(CFG, tiny, [1, 2], 1023)
+    with pytest.raises(ValueError, match=r"eos_id must be None or an int in \[0, vocab_size=512\)"):
+        generate.generate(CFG, tiny, [1, 2], 3, eos_id=512)
     with pytest.raises(ValueError, match="no prompts"):
         generate.generate_batch(CFG, tiny, [], 3)
     with pytest.raises(ValueError, match="got text"):
