@@ -23,7 +23,9 @@ command, wall time, date), and then
                                          as "not run yet" with the command that runs them.
   README.md                              the summary table, between the README_BEGIN / README_END markers
 
-Verdicts (``verdict``), with d = mean_a - mean_b and SE = sqrt(s_a^2/n_a + s_b^2/n_b) (sample std over seeds):
+Verdicts (``verdict``), with d = mean_a - mean_b and SE its standard error: when both arms ran the same >= 3 seeds
+(seed s of every arm shares the initialisation and the data order) d and SE are those of the paired per-seed
+differences, SE = std(a_s - b_s) / sqrt(n); otherwise SE = sqrt(s_a^2/n_a + s_b^2/n_b) (sample stds over seeds):
   expect "less"        reproduced if d < -2 SE; contradicted if d > +2 SE; otherwise not at this scale
   expect "equal"       reproduced if |d| <= 2 SE; otherwise contradicted (a difference beyond seed noise)
   expect "rel_within"  reproduced if |d| / |mean_b| < tol; contradicted if the gap also exceeds 2 SE; otherwise
@@ -252,6 +254,20 @@ def _pm(s: Dict[str, float]) -> str:
     return f"{_fmt(s['mean'])} ± {_fmt(s['std'])}" if s["std"] else _fmt(s["mean"])
 
 
+def _paired(rows: List[dict], metric: str, a: str, b: str):
+    """(mean, SE, n) of the per-seed differences a - b over the seeds both arms ran, when there are at least
+    MIN_SEEDS of them (seed s of every arm shares the initialisation and the data order); else None."""
+    va = {r["seed"]: float(r[metric]) for r in rows if r["arm"] == a and metric in r}
+    vb = {r["seed"]: float(r[metric]) for r in rows if r["arm"] == b and metric in r}
+    common = sorted(set(va) & set(vb))
+    if len(common) < MIN_SEEDS:
+        return None
+    diffs = [va[s] - vb[s] for s in common]
+    m = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in diffs) / (len(diffs) - 1))
+    return m, sd / math.sqrt(len(diffs)), len(diffs)
+
+
 def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List[dict]] = None):
     """(verdict, ours, why) for one claim, or None when its arms lack MIN_SEEDS runs (see the module docstring)."""
     expect = claim["expect"]
@@ -279,8 +295,12 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
     d = sa["mean"] - sb["mean"]
     se = math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
     n = min(sa["n"], sb["n"])
+    paired = _paired(rows or [], claim["metric"], a, b)
+    if paired is not None:  # same seeds (same init and data order) in both arms: the seed effect cancels
+        d, se, n = paired
     ours = f"{a} {_pm(sa)} vs {b} {_pm(sb)} (n={n})"
-    noise = f"2 SE = {_fmt(2 * se)}" if se else "deterministic"
+    noise = (f"2 SE = {_fmt(2 * se)}" + (" of the paired per-seed difference" if paired else "")) if se else \
+        "deterministic"
     if expect == "less":
         if d < -2 * se or (se == 0 and d < 0):
             return "reproduced", ours, f"{a} is lower by {_fmt(-d)} ({noise})."

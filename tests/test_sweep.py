@@ -33,6 +33,18 @@ def test_verdict_less():
     assert sweep.verdict(claim, {"A": _s(1.0, 0.1, 2), "B": _s(1.3, 0.1)}) is None
 
 
+def test_verdict_paired_over_common_seeds():
+    # A big shared seed effect (1.0, 2.0, 3.0) hides a consistent a - b = -0.1 (+-0.01) from the unpaired SE
+    rows = [{"arm": "A", "seed": s, "loss": v - 0.1 + e} for s, v, e in ((0, 1.0, 0.01), (1, 2.0, -0.01), (2, 3.0, 0.0))]
+    rows += [{"arm": "B", "seed": s, "loss": v} for s, v in ((0, 1.0), (1, 2.0), (2, 3.0))]
+    claim = {"id": "p", "a": "A", "b": "B", "expect": "less", "metric": "loss"}
+    stats = sweep.arm_stats(rows, "loss")
+    assert sweep.verdict(claim, stats)[0] == "not at this scale"  # unpaired: SE ~ 0.82
+    v = sweep.verdict(claim, stats, rows)
+    # paired: diffs (-0.09, -0.11, -0.10): mean -0.1, SE = 0.01 / sqrt(3)
+    assert v[0] == "reproduced" and "paired" in v[2]
+
+
 def test_verdict_equal_and_rel_within():
     eq = {"id": "e", "a": "A", "b": "B", "expect": "equal", "metric": "loss"}
     assert sweep.verdict(eq, {"A": _s(2.0, 0.05), "B": _s(2.03, 0.05)})[0] == "reproduced"  # 0.03 < 2 SE = 0.082
