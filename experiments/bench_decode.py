@@ -194,8 +194,9 @@ def main(argv=None):
             f"untimed first call, transformers warmed up by one untimed call); median of {args.rounds} rounds, "
             f"contenders alternating within a round",
             f"- ours: generate.generate_batch: one jit (naive-MLA prefill, then a lax.while_loop of absorbed-MLA "
-            f"steps on the latent cache), moe_dispatch auto (sorted_tiles on CPU, {generate.DECODE_TILE}-row "
-            f"tiles in decode steps)",
+            f"steps on the latent cache), moe_dispatch auto: sorted_tiles on CPU for the prefill; decode steps "
+            f"routing <= {generate.GATHER_MAX_ROWS} rows (batch x top-k; batch 1 here) gather their experts' "
+            f"weights, larger ones (batch 8) use {generate.DECODE_TILE}-row tiles",
             f"- transformers {transformers.__version__} (torch {torch.__version__}, {torch.get_num_threads()} "
             f"threads, eager, attn_implementation={attn_impl}): generate() with its DynamicCache. This version "
             f"also caches the compressed latent (kv_lora_rank + qk_rope_head_dim per token per layer, as the "
