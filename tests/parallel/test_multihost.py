@@ -35,7 +35,9 @@ def test_two_processes_match_single_process(tmp_path):
     logs = []
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=240)
+            # ~35 s of CPU per process on an idle 2-core box; the generous wall limit is for loaded CI machines
+            # (a hang in jax.distributed.initialize is bounded separately by its 60 s initialization_timeout)
+            out, _ = p.communicate(timeout=600)
             logs.append(out)
     finally:
         for p in procs:
