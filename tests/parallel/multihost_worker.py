@@ -12,6 +12,9 @@ import jax  # noqa: E402
 
 pid, port, out_dir, mesh_spec = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+# No persistent compilation cache in the workers: two processes reading/writing the same entry was the one
+# suspect of a hang seen once (process 1 never reached shutdown) when the suite's shared cache was enabled.
+jax.config.update("jax_enable_compilation_cache", False)
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid,
                            initialization_timeout=60)
 
@@ -36,4 +39,5 @@ if pid == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(gathered)[0]}
     flat.update({f"metric:{k}": np.asarray(v) for k, v in metrics.items()})
     np.savez(os.path.join(out_dir, "result.npz"), **flat)
+multihost_utils.sync_global_devices("multihost_worker done")  # both processes finish together
 jax.distributed.shutdown()

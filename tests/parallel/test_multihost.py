@@ -29,6 +29,7 @@ def _free_port() -> int:
 def test_two_processes_match_single_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the workers compile afresh (multihost_worker.py says why)
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), str(tmp_path), "expert=8"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -43,8 +44,8 @@ def test_two_processes_match_single_process(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("\n".join(f"process {i} exited {p.returncode}:\n{logs[i][-2500:]}" for i, p in enumerate(procs)))
 
     tc = _train_cfg()
     want, want_m = jax.device_get(jax.jit(make_train_step(CFG, tc))(
