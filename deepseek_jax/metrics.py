@@ -23,6 +23,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def loadavg() -> list:
+    """The 1/5/15-minute load averages, rounded: benchmarks record them so a busy machine shows in the results."""
+    import os
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def git_rev() -> str:
+    """Short HEAD of the current directory's checkout, "+dirty" with uncommitted tracked changes ("unknown" outside
+    git): every benchmark result names the code it measured."""
+    import subprocess
+    try:
+        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip()
+        return rev + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
 def bits_per_byte(ce_sum_nats: float, n_bytes: float) -> float:
     """Total cross-entropy (nats, summed over predicted tokens) / (ln 2 * bytes those tokens represent): the
     paper's Pile metric, comparable across tokenizers."""

@@ -43,18 +43,7 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attentio
 PROMPT_LEN = 16
 
 
-def loadavg():
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def git_rev():
-    import subprocess
-    try:
-        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip()
-        return rev + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+from deepseek_jax.metrics import git_rev, loadavg  # noqa: E402
 
 
 def hf_cache_bytes_per_token_per_layer(cache) -> float:

@@ -36,7 +36,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -50,20 +49,7 @@ BATCH, SEQ = 8, 256
 TOKENS = BATCH * SEQ
 
 
-def loadavg():
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-from deepseek_jax.metrics import cpu_model  # noqa: E402  (one definition for every result file)
-
-
-def git_rev():
-    try:
-        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip()
-        return rev + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+from deepseek_jax.metrics import cpu_model, git_rev, loadavg  # noqa: E402  (one definition for every result file)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,17 +3,17 @@ policy (MLA projections, dense FFN, shared and routed experts; never embedding, 
 attention core), the FP8 routed-expert dispatch equals a per-token loop of the FP8 linear, and a tiny model trains
 with FP8 under jit + nn.scan + remat with its loss tracking FP32's."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from deepseek_jax import config
 from deepseek_jax.kernels import fp8
 from deepseek_jax.layers import moe
 from deepseek_jax.model import Transformer
 from deepseek_jax.train import default_train_config, init_train_state, make_train_step
+
+from testing_utils import random_variables
 
 # One dense and one MoE layer, no MTP: the same GEMM kinds as "tiny" with less to compile (compiling the two train
 # steps is nearly all of this file's time).
@@ -87,19 +87,7 @@ def test_fp8_routed_experts_equal_per_token_fp8_loop():
 
 
 def _variables():
-    shapes = nn.meta.unbox(jax.eval_shape(
-        lambda: Transformer(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32))))
-    rs = np.random.RandomState(0)
-
-    def fill(path, s):
-        name = jax.tree_util.keystr(path)
-        if name.startswith("['router']"):
-            return jnp.zeros(s.shape, s.dtype)
-        if name.endswith("['scale']"):
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rs.normal(0.0, 0.02, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return random_variables(TINY, SEQ)
 
 
 def test_tiny_model_trains_with_fp8_under_scan_and_remat_tracking_fp32():

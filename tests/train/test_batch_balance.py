@@ -1,7 +1,6 @@
 """Batch-wise balance loss (V3 §4.5.3): a hand-computed value, its relation to the sequence-wise term, and the
 train step's ``balance.scope = "batch"`` against a direct forward pass."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,8 @@ from deepseek_jax import config
 from deepseek_jax.model import Transformer
 from deepseek_jax.train import losses
 from deepseek_jax.train.step import default_train_config, init_train_state, make_train_step, validate_train_config
+
+from testing_utils import random_variables
 
 # Two layers (dense + MoE) plus MTP: the smallest model that has both kinds of balance terms (compiles fast).
 SMALL = config.preset("tiny", moe_dispatch="dense", num_hidden_layers=2, rope_scaling=None)
@@ -35,19 +36,7 @@ def test_batch_terms_hand_values():
 def _variables(cfg):
     """Variables from the model's own shapes (eval_shape) filled with N(0, 0.02) draws, router bias 0, norm gains
     1: as tests/train/conftest.py, without model.init's ~10 s compile."""
-    shapes = nn.meta.unbox(jax.eval_shape(
-        lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32))))
-    rs = np.random.RandomState(0)
-
-    def fill(path, s):
-        name = jax.tree_util.keystr(path)
-        if name.startswith("['router']"):
-            return jnp.zeros(s.shape, s.dtype)
-        if name.endswith("['scale']"):
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rs.normal(0.0, 0.02, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return random_variables(cfg, SEQ)
 
 
 def test_train_step_batch_scope_matches_forward():
