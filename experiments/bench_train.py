@@ -336,8 +336,9 @@ def main(argv=None):
             f"wd 0.1), clip_grad_norm_ 1.0, {torch.get_num_threads()} threads; params {hf_info['total_params']:,} "
             f"(ours {fl_info['total_params']:,})",
             f"- machine: {machine['cpu']}, {machine['cores']} cores; load average before {load_before}, after "
-            f"{load_after}" + (" (busy: another job was running; see the note on load below)"
-                                if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 1) else " (idle)"),
+            f"{load_after}" + (" (busy before the run: another job was running, so timings are noisy)"
+                                if load_before[0] > 0.75 * (os.cpu_count() or 1) else
+                                " (quiet before the run; the benchmark's own threads raise the load while it runs)"),
             f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, python {machine['python']}, "
             f"XLA_FLAGS={machine['XLA_FLAGS']!r}",
             f"- timing: {args.warmup} warmup steps each after compile, then {args.steps} rounds, one step of every "
