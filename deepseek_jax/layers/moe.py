@@ -358,13 +358,14 @@ class MoE(nn.Module):
                         (E, F, d), pdt)
         dt = dtype_of(cfg.dtype)
         ep_aux = {}
+        linear_fn = getattr(self.dot_general, "linear_fn", None)  # the FP8 policy (kernels/fp8.py), or None
         if expert_parallel.active_mesh() is not None:  # a sharded step with an "expert" mesh axis > 1
             y, ep_aux["ep_dropped"] = expert_parallel.routed_experts(
                 x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt), cfg.moe_dispatch,
-                cfg.moe_tile_size)
-        elif getattr(self.dot_general, "linear_fn", None) is not None:  # FP8 policy (kernels/fp8.py)
+                cfg.moe_tile_size, linear_fn=linear_fn)
+        elif linear_fn is not None:  # FP8 policy (kernels/fp8.py)
             y = dispatch_fp8_tiles(x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt),
-                                   cfg.moe_tile_size, self.dot_general.linear_fn)
+                                   cfg.moe_tile_size, linear_fn)
         else:
             y = routed_experts(x_nd.astype(dt), idx_nk, w_nk, wg.astype(dt), wu.astype(dt), wd.astype(dt),
                                cfg.moe_dispatch, cfg.moe_tile_size)

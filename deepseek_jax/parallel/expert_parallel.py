@@ -77,10 +77,12 @@ def capacity(n_local: int, k: int, n_ep: int, capacity_factor: Optional[float]) 
     return max(1, min(n_local * k, math.ceil(capacity_factor * n_local * k / n_ep)))
 
 
-def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, tensor_size, all_axes):
+def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, tensor_size, all_axes,
+                linear_fn=None):
     """Per-device body of the shard_map. x_nd [n, d] local tokens, idx_nk/w_nk [n, K] their routes, wg/wu [E_loc,
-    d, F_loc], wd [E_loc, F_loc, d] this device's experts. Returns (y_nd fp32 [n, d], dropped [] int32, global)."""
-    from deepseek_jax.layers.moe import routed_experts  # local: moe.py imports this module lazily too
+    d, F_loc], wd [E_loc, F_loc, d] this device's experts. Returns (y_nd fp32 [n, d], dropped [] int32, global).
+    ``linear_fn`` (the FP8 policy's linear, kernels/fp8.py) runs the received rows' expert GEMMs in FP8."""
+    from deepseek_jax.layers.moe import dispatch_fp8_tiles, routed_experts  # local: moe.py imports this lazily
 
     n, K = idx_nk.shape
     d = x_nd.shape[1]
@@ -101,8 +103,12 @@ def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, te
     recv_e = jax.lax.all_to_all(send_e.reshape(n_ep, cap), "expert", 0, 0, tiled=True).reshape(n_slots)
 
     valid = recv_e >= 0
-    y_sd = routed_experts(recv_x, jnp.where(valid, recv_e, 0)[:, None], valid[:, None].astype(jnp.float32),
-                          wg, wu, wd, dispatch, tile)          # fp32 [n_slots, d]; empty slots give 0
+    local_idx, local_w = jnp.where(valid, recv_e, 0)[:, None], valid[:, None].astype(jnp.float32)
+    if linear_fn is not None:  # FP8: per-row 1x128 activation tiles, per-expert 128x128 weight blocks
+        y_sd = dispatch_fp8_tiles(recv_x, local_idx, local_w, wg, wu, wd, tile, linear_fn)
+    else:
+        y_sd = routed_experts(recv_x, local_idx, local_w, wg, wu, wd, dispatch, tile)
+    # y_sd: fp32 [n_slots, d]; empty slots give 0
     if tensor_size > 1:
         y_sd = jax.lax.psum(y_sd, "tensor")                     # partial sums over the FFN-width slices
     y_sd = y_sd.astype(x_nd.dtype)  # exact: each row's FFN output was computed in the compute dtype
@@ -115,11 +121,15 @@ def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, te
 
 
 def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile: int = 128,
-                   capacity_factor: Optional[float] = None, mesh=None) -> Tuple[jax.Array, jax.Array]:
+                   capacity_factor: Optional[float] = None, mesh=None,
+                   linear_fn=None) -> Tuple[jax.Array, jax.Array]:
     """sum_k g_k * FFN_{e_k}(x_n) for every token with the experts spread over the mesh's "expert" axis.
 
     x_nd [N, d] (N = B*T, split over the batch axes), idx_nk / w_nk [N, K], wg / wu [E, d, F], wd [E, F, d].
     ``mesh`` defaults to the active one (``parallel.mesh.use_mesh``, entered by ``shard_train_step``).
+    ``linear_fn``: the FP8 policy's linear (``ModelConfig.fp8``); the local expert GEMMs then go through FP8 with
+    the single-device tilings (moe.dispatch_fp8_tiles). The forward quantizes exactly as on one device (activation
+    tiles are per row, weight blocks per expert); the Wgrad's 128x1 token tiles group the rows a device received.
     Returns (y [N, d] fp32, dropped: routed rows dropped over the whole batch, int32 scalar; 0 when dropless)."""
     mesh = mesh or mesh_lib.active_mesh()
     if capacity_factor is None:
@@ -142,6 +152,7 @@ def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile:
     w_out = mesh_lib.logical_to_spec(("expert", "moe_mlp", None), wd.shape, sizes)
     tensor_split = n_tp > 1 and "tensor" in tuple(w_in)
     body = functools.partial(_local_step, n_ep=n_ep, cap=cap, dispatch=dispatch, tile=tile,
-                             tensor_size=n_tp if tensor_split else 1, all_axes=mesh_lib.BATCH_AXES)
+                             tensor_size=n_tp if tensor_split else 1, all_axes=mesh_lib.BATCH_AXES,
+                             linear_fn=linear_fn)
     f = shard_map(body, mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, P()))
     return f(x_nd, idx_nk, w_nk, wg, wu, wd)
