@@ -27,9 +27,11 @@ Verdicts (``verdict``), with d = mean_a - mean_b and SE its standard error: when
 (seed s of every arm shares the initialisation and the data order) d and SE are those of the paired per-seed
 differences, SE = std(a_s - b_s) / sqrt(n); otherwise SE = sqrt(s_a^2/n_a + s_b^2/n_b) (sample stds over seeds):
   expect "less"        reproduced if d < -2 SE; contradicted if d > +2 SE; otherwise not at this scale
-  expect "equal"       reproduced if |d| <= 2 SE; otherwise contradicted (a difference beyond seed noise)
-  expect "rel_within"  reproduced if |d| / |mean_b| < tol; contradicted if the gap also exceeds 2 SE; otherwise
-                       not at this scale (seed noise is larger than the tolerance)
+  expect "equal"       an equivalence test with tolerance tol (relative to |mean_b|; default EQUAL_TOL = 1%):
+                       reproduced if |d| + 2 SE <= tol |mean_b| (the whole noise band is inside the tolerance);
+                       contradicted if |d| > 2 SE and |d| > tol |mean_b|; otherwise not at this scale (no
+                       difference detected, but the runs cannot resolve one as small as the tolerance)
+  expect "rel_within"  the same rule with the claim's own tol (e.g. FP8's 0.25%)
   expect "power_law"   log-log least squares over all runs: reproduced if the exponent is negative with R^2 >= 0.9
                        and the arm means fall monotonically with compute; contradicted if loss does not fall with
                        compute (slope >= 0); otherwise not at this scale
@@ -268,6 +270,9 @@ def _paired(rows: List[dict], metric: str, a: str, b: str):
     return m, sd / math.sqrt(len(diffs)), len(diffs)
 
 
+EQUAL_TOL = 0.01  # default tolerance (relative) of an "equal" claim; a claim may set its own "tol"
+
+
 def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List[dict]] = None):
     """(verdict, ours, why) for one claim, or None when its arms lack MIN_SEEDS runs (see the module docstring)."""
     expect = claim["expect"]
@@ -307,17 +312,21 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
         if d > 2 * se or (se == 0 and d > 0):
             return "contradicted", ours, f"{a} is higher by {_fmt(d)} ({noise}) at this scale."
         return "not at this scale", ours, f"the difference {_fmt(d)} is within seed noise ({noise})."
-    if expect == "equal":
-        if abs(d) <= 2 * se:
-            return "reproduced", ours, f"no difference beyond seed noise (d = {_fmt(d)}, {noise})."
-        return "contradicted", ours, f"{a} differs by {_fmt(d)}, beyond seed noise ({noise}), at this scale."
-    if expect == "rel_within":
-        rel = abs(d) / abs(sb["mean"])
-        if rel < claim["tol"]:
-            return "reproduced", ours, f"relative gap {rel:.3%} < {claim['tol']:.2%}."
-        if abs(d) > 2 * se:
-            return "contradicted", ours, f"relative gap {rel:.3%} >= {claim['tol']:.2%}, beyond seed noise ({noise})."
-        return "not at this scale", ours, f"relative gap {rel:.3%}, but seed noise ({noise}) exceeds the tolerance."
+    if expect in ("equal", "rel_within"):
+        # Equivalence, not absence of evidence: "same" is reproduced only when the runs could have seen a
+        # difference as small as the tolerance and did not.
+        tol = claim.get("tol", EQUAL_TOL if expect == "equal" else None)
+        if tol is None:
+            raise SweepError(f"claim {claim['id']}: expect 'rel_within' needs a tol")
+        rel, band = abs(d) / abs(sb["mean"]), (abs(d) + 2 * se) / abs(sb["mean"])
+        if band <= tol:
+            return "reproduced", ours, (f"relative gap {rel:.3%}, and with seed noise at most {band:.3%} "
+                                        f"<= {tol:.2%} ({noise}).")
+        if abs(d) > 2 * se and rel > tol:
+            return "contradicted", ours, (f"relative gap {rel:.3%} > {tol:.2%}, beyond seed noise ({noise}) "
+                                          f"at this scale.")
+        return "not at this scale", ours, (f"relative gap {rel:.3%}, but gap + seed noise ({noise}) reaches "
+                                           f"{band:.3%} > the {tol:.2%} tolerance: the runs cannot resolve it.")
     raise SweepError(f"claim {claim['id']}: unknown expect {expect!r}")
 
 

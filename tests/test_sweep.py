@@ -46,11 +46,18 @@ def test_verdict_paired_over_common_seeds():
 
 
 def test_verdict_equal_and_rel_within():
-    eq = {"id": "e", "a": "A", "b": "B", "expect": "equal", "metric": "loss"}
-    assert sweep.verdict(eq, {"A": _s(2.0, 0.05), "B": _s(2.03, 0.05)})[0] == "reproduced"  # 0.03 < 2 SE = 0.082
-    assert sweep.verdict(eq, {"A": _s(2.0, 0.01), "B": _s(2.1, 0.01)})[0] == "contradicted"
+    eq = {"id": "e", "a": "A", "b": "B", "expect": "equal", "metric": "loss"}  # default tolerance 1% of B
+    # n = 3 per arm (_s), unpaired SE = sqrt(2 s^2 / 3)
+    # d = 0.03 within noise (2 SE = 0.082) but the band 0.112 / 2.03 = 5.5% > 1%: the runs cannot tell
+    assert sweep.verdict(eq, {"A": _s(2.0, 0.05), "B": _s(2.03, 0.05)})[0] == "not at this scale"
+    # d = 0.005, 2 SE = 0.0082: band 0.0132 / 2.005 = 0.66% <= 1%
+    assert sweep.verdict(eq, {"A": _s(2.0, 0.005), "B": _s(2.005, 0.005)})[0] == "reproduced"
+    assert sweep.verdict(eq, {"A": _s(2.0, 0.01), "B": _s(2.1, 0.01)})[0] == "contradicted"  # 4.8%, 2 SE 0.016
+    assert sweep.verdict(dict(eq, tol=0.1), {"A": _s(2.0, 0.01), "B": _s(2.1, 0.01)})[0] == "reproduced"
     rel = {"id": "r", "a": "A", "b": "B", "expect": "rel_within", "tol": 0.0025, "metric": "loss"}
-    assert sweep.verdict(rel, {"A": _s(2.004, 0.001), "B": _s(2.0, 0.001)})[0] == "reproduced"  # 0.2%
+    # d = 0.004, 2 SE = 0.00163: band 0.28% > 0.25%; with std 0.0005 (2 SE 0.00082) the band is 0.24%
+    assert sweep.verdict(rel, {"A": _s(2.004, 0.001), "B": _s(2.0, 0.001)})[0] == "not at this scale"
+    assert sweep.verdict(rel, {"A": _s(2.004, 0.0005), "B": _s(2.0, 0.0005)})[0] == "reproduced"
     assert sweep.verdict(rel, {"A": _s(2.02, 0.001), "B": _s(2.0, 0.001)})[0] == "contradicted"  # 1%, SE 0.0008
     assert sweep.verdict(rel, {"A": _s(2.02, 0.05), "B": _s(2.0, 0.05)})[0] == "not at this scale"
 
