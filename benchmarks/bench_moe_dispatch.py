@@ -43,6 +43,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from deepseek_jax import config as ds_config  # noqa: E402
+from deepseek_jax.metrics import write_result_files  # noqa: E402
 from deepseek_jax.layers import moe  # noqa: E402
 
 SLOW = ("dense", "ragged")
@@ -266,12 +267,7 @@ def main(argv=None):
     md = render(info, rows)
     print(md)
     if a.write:
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
-        with open(a.out + ".md", "w") as f:
-            f.write(md)
-        with open(a.out + ".json", "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
-        print(f"wrote {a.out}.md and {a.out}.json")
+        write_result_files(a.out, {"info": info, "rows": rows}, md)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

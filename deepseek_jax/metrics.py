@@ -29,16 +29,35 @@ def loadavg() -> list:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def git_rev() -> str:
-    """Short HEAD of the current directory's checkout, "+dirty" with uncommitted tracked changes ("unknown" outside
-    git): every benchmark result names the code it measured."""
+def git_rev(root=None, dirty: bool = True) -> str:
+    """Short HEAD of the checkout at ``root`` (default: the current directory), plus "+dirty" when ``dirty`` and
+    tracked files have uncommitted changes; "unknown" outside git. Every result names the code it measured."""
     import subprocess
+    git = ["git"] + (["-C", str(root)] if root else [])
     try:
-        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True).strip()
-        return rev + ("+dirty" if dirty else "")
+        rev = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        if not rev:
+            return "unknown"
+        if dirty and subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=5).stdout.strip():
+            rev += "+dirty"
+        return rev
     except Exception:
         return "unknown"
+
+
+def write_result_files(stem: str, data: dict, md: str, indent: int = 1) -> None:
+    """A benchmark's or experiment's result as ``stem.json`` (``data``) and ``stem.md`` (``md``), creating the
+    folder; prints what it wrote. The one writer behind experiments/results/*.{json,md}."""
+    import json
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(data, f, indent=indent, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    print(f"wrote {stem}.{{json,md}}")
 
 
 def bits_per_byte(ce_sum_nats: float, n_bytes: float) -> float:

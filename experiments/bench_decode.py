@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -43,7 +42,9 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attentio
 PROMPT_LEN = 16
 
 
-from deepseek_jax.metrics import git_rev, loadavg  # noqa: E402
+from deepseek_jax.metrics import git_rev, loadavg, write_result_files  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def hf_cache_bytes_per_token_per_layer(cache) -> float:
@@ -167,10 +168,6 @@ def main(argv=None):
         out = {"command": cmd, "date": date, "git": rev, "machine": machine, "shape": SHAPE, "rows": rows,
                "rounds": args.rounds, "transformers_attn_implementation": attn_impl,
                "mha_cache_bytes_per_token_per_layer_fp32": per_layer_mha}
-        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "decode_cpu.json"), "w") as f:
-            json.dump(out, f, indent=2)
         md = [
             "# Decode throughput on CPU: deepseek_jax vs transformers DeepseekV3ForCausalLM.generate",
             "",
@@ -211,9 +208,7 @@ def main(argv=None):
             "implementations (fp32 rounding differs, so a near-tie argmax can flip and the sequences part after).",
             "",
         ]
-        with open(os.path.join(d, "decode_cpu.md"), "w") as f:
-            f.write("\n".join(md))
-        print(f"wrote {d}/decode_cpu.{{md,json}}")
+        write_result_files(os.path.join(RESULTS, "decode_cpu"), out, "\n".join(md), indent=2)
     return rows
 
 

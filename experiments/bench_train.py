@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -49,7 +48,9 @@ BATCH, SEQ = 8, 256
 TOKENS = BATCH * SEQ
 
 
-from deepseek_jax.metrics import cpu_model, git_rev, loadavg  # noqa: E402  (one definition for every result file)
+from deepseek_jax.metrics import cpu_model, git_rev, loadavg, write_result_files  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,10 +318,6 @@ def main(argv=None):
                "seq": SEQ, "tokens_per_step": TOKENS}, "peak": peak, "flops": fl_info,
                "flops_mtp": contenders[1][3]["flops"] if args.mtp else None, "rows": rows,
                "steps": args.steps, "warmup": args.warmup, "breakdown_ms": breakdown, "goal": goal}
-        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "bench_train_cpu.json"), "w") as f:
-            json.dump(out, f, indent=2)
         md = [
             "# Train-step throughput on CPU: deepseek_jax vs transformers DeepseekV3ForCausalLM",
             "",
@@ -362,9 +359,7 @@ def main(argv=None):
                 f"{r['name']}: " + ", ".join(f"{t:.0f}" for t in r["step_ms_all"]) for r in rows),
             "",
         ]
-        with open(os.path.join(d, "bench_train_cpu.md"), "w") as f:
-            f.write("\n".join(md))
-        print(f"wrote {d}/bench_train_cpu.{{md,json}}")
+        write_result_files(os.path.join(RESULTS, "bench_train_cpu"), out, "\n".join(md), indent=2)
     return rows
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 
 import jax
@@ -16,12 +15,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "f
 
 
 def provenance() -> dict:
-    from deepseek_jax.metrics import cpu_model
-    try:
-        code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(RESULTS)).stdout.strip()
-    except OSError:
-        code = "unknown"
+    from deepseek_jax.metrics import cpu_model, git_rev
+    code = git_rev(os.path.dirname(RESULTS), dirty=False)
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "jax": jax.__version__,
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),

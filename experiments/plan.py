@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -55,11 +54,11 @@ from typing import Any, Dict
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax import config as config_lib
 from deepseek_jax import model as model_lib
+from deepseek_jax.metrics import cpu_model, git_rev, write_result_files
 from deepseek_jax.parallel import expert_parallel
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.train import losses
@@ -301,13 +300,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     r = plan(args.config, args.mesh, args.seq_len, args.micro_batch, args.global_batch, args.remat,
              args.ep_capacity_factor)
-    import subprocess
-    from deepseek_jax.metrics import cpu_model
-    try:
-        code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except Exception:
-        code = "unknown"
+    code = git_rev(dirty=False)
     machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                "platform": platform.platform(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
                "code_version": code}
@@ -320,11 +313,7 @@ def main(argv=None):
         suffix = "" if args.ep_capacity_factor is None else f"_cf{args.ep_capacity_factor:g}"
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            f"plan_{args.config}_{r['devices']}{suffix}")
-        with open(out + ".json", "w") as f:
-            json.dump(r, f, indent=1)
-        with open(out + ".md", "w") as f:
-            f.write(md)
-        print(f"wrote {out}.json, {out}.md")
+        write_result_files(out, r, md)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 import jax
 import numpy as np
 
-from deepseek_jax.metrics import cpu_model
+from deepseek_jax.metrics import cpu_model, write_result_files
 from deepseek_jax.parallel import placement
 
 SHAPES = ((4, 4), (8, 8))  # (devices, redundant copies)
@@ -120,12 +120,8 @@ def main(argv=None):
     print(md)
     if args.write:
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "redundant_experts")
-        with open(out + ".json", "w") as f:
-            json.dump({"command": command, "machine": machine, "run": run, "summary": summary, "rows": rows}, f,
-                      indent=1)
-        with open(out + ".md", "w") as f:
-            f.write(md)
-        print(f"wrote {out}.json, {out}.md")
+        write_result_files(out, {"command": command, "machine": machine, "run": run, "summary": summary,
+                                 "rows": rows}, md)
 
 
 if __name__ == "__main__":

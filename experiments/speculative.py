@@ -72,13 +72,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import jax
-    import numpy as np
 
     from deepseek_jax import data as data_lib
     from deepseek_jax import generate
-    from deepseek_jax.metrics import cpu_model
+    from deepseek_jax.metrics import cpu_model, loadavg, write_result_files
 
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = loadavg()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cfg, variables, tok_spec, step = generate.load_run(args.run)
     with open(os.path.join(args.run, "config.json")) as f:
@@ -131,7 +130,7 @@ def main(argv=None):
               f"(x{row['speedup']:.2f})", flush=True)
     step_ms = step_costs(generate, cfg, variables, max_len)
     print(f"one step (median ms): {step_ms}", flush=True)
-    load_after = [round(x, 2) for x in os.getloadavg()]
+    load_after = loadavg()
     acc = sum(r["drafts_accepted"] for r in rows) / sum(r["verify_steps"] for r in rows)
     tokens = sum(r["new_tokens"] for r in rows)
     t_plain = sum(statistics.median(r["plain_s"]) for r in rows)
@@ -157,10 +156,6 @@ def main(argv=None):
                "model_config": cfg.to_dict(), "settings": vars(args), "compile_s": compile_s, "summary": summary,
                "step_ms": step_ms,
                "rows": rows}
-        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "decode_speculative_quickstart.json"), "w") as f:
-            json.dump(out, f, indent=2, default=str)
         val = run_summary.get("validation") or {}
         md = [
             "# MTP self-speculative decoding on the quickstart model (CPU)",
@@ -209,9 +204,8 @@ def main(argv=None):
                       f"{r['speculative_tokens_per_s']:.0f} | {r['speedup']:.2f} |")
         md += ["", "Prompt 0 and its greedy completion:", "", "```", rows[0]["prompt"] + rows[0]["completion"],
                "```", ""]
-        with open(os.path.join(d, "decode_speculative_quickstart.md"), "w") as f:
-            f.write("\n".join(md))
-        print(f"wrote {d}/decode_speculative_quickstart.{{md,json}}")
+        results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        write_result_files(os.path.join(results, "decode_speculative_quickstart"), out, "\n".join(md), indent=2)
     return summary
 
 

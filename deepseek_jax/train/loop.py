@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from typing import Any, Dict, Optional
@@ -41,7 +40,7 @@ from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax import generate as generate_lib
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
-from deepseek_jax.metrics import MetricsWriter, bits_per_byte, cpu_model, read_jsonl, truncate_jsonl
+from deepseek_jax.metrics import MetricsWriter, bits_per_byte, cpu_model, git_rev, read_jsonl, truncate_jsonl
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import batch_size_at
 from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step
@@ -55,12 +54,7 @@ class RunError(RuntimeError):
 
 
 def _code_version() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+    return git_rev(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), dirty=False)
 
 
 def machine_info() -> Dict[str, Any]:
