@@ -234,10 +234,10 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
             max_new_tokens: int, sampling: Sampling, return_logits: bool, dot_general=None):
     """Prefill (naive) + while_loop of absorbed decode steps. Returns (tokens [B, N] (PAD_OUT after a row
     stopped), counts [B], logits [B, N, V] or None). limits_b: new tokens allowed per row."""
-    from deepseek_jax.model import Transformer
+    from deepseek_jax.model import Transformer, unstack_cache, unstack_layers
 
     B, P = tokens_bp.shape
-    net, step_net = Transformer(cfg, dot_general), Transformer(_step_cfg(cfg, B), dot_general)
+    net, step_net = Transformer(cfg, dot_general), Transformer(_step_cfg(cfg, B), dot_general, stacked=False)
     N = max_new_tokens
     pos_bp = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32)[None], (B, P))
     out = net.apply(variables, tokens_bp, pos_bp, init_cache(cfg, B, cache_len, cfg.dtype), absorb=False)
@@ -249,6 +249,7 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
                   else jnp.zeros((), jnp.float32))
     count_b = jnp.ones((B,), jnp.int32)
     done_b = (tok_b == eos_id) | (count_b >= limits_b)
+    step_vars = unstack_layers(variables, cfg)  # per-layer weights, sliced once, outside the loop
 
     def cond(c):
         i, _, _, _, _, done_b, *_ = c
@@ -256,7 +257,7 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
 
     def body(c):
         i, tok_b, pos_b, cache, count_b, done_b, toks_bn, logits_bnv, rng = c
-        o = step_net.apply(variables, tok_b[:, None], pos_b[:, None], cache, absorb=True)
+        o = step_net.apply(step_vars, tok_b[:, None], pos_b[:, None], cache, absorb=True)
         step_bv = o.logits[:, 0].astype(jnp.float32)
         rng, sub = jax.random.split(rng)
         nxt_b = sample_logits(step_bv, sub, sampling.temperature, sampling.top_k, sampling.top_p)
@@ -271,7 +272,7 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
         pos_b = jnp.where(live_b, pos_b + 1, pos_b)
         return i + 1, tok_b, pos_b, o.cache, count_b, done_b, toks_bn, logits_bnv, rng
 
-    c = (jnp.int32(1), tok_b, lengths_b, out.cache, count_b, done_b, toks_bn, logits_bnv, rng)
+    c = (jnp.int32(1), tok_b, lengths_b, unstack_cache(out.cache), count_b, done_b, toks_bn, logits_bnv, rng)
     c = jax.lax.while_loop(cond, body, c)
     return c[6], c[4], (c[7] if return_logits else None)
 
@@ -343,10 +344,10 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
     """tokens_1p: the prompt right-padded to P; length: its true length L. Returns (tokens [N + 1] (PAD_OUT past
     the end), count, verify steps, accepted drafts, drafts [N + 1]: drafts[j] is the MTP draft verified for new
     token j, PAD_OUT where none was). The verify step writes slots p, p + 1 <= L + limit - 1 < cache_len."""
-    from deepseek_jax.model import Transformer
+    from deepseek_jax.model import Transformer, unstack_cache, unstack_layers
 
     step_cfg = _step_cfg(cfg, 2)  # verify: [pending token, draft]; the MTP step: the same two positions
-    net, step_net = Transformer(cfg, dot_general), Transformer(step_cfg, dot_general)
+    net, step_net = Transformer(cfg, dot_general), Transformer(step_cfg, dot_general, stacked=False)
     _, P = tokens_1p.shape
     N = max_new_tokens
     pos_1p = jnp.arange(P, dtype=jnp.int32)[None]
@@ -360,6 +361,7 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
     draft = jnp.argmax(mlogits[0, length - 1]).astype(jnp.int32)
     toks = jnp.full((N + 1,), PAD_OUT, jnp.int32).at[0].set(first)
     drafts = jnp.full((N + 1,), PAD_OUT, jnp.int32)
+    step_vars = unstack_layers(variables, cfg)  # per-layer weights, sliced once, outside the loop
 
     def cond(c):
         count, done = c[4], c[5]
@@ -369,7 +371,7 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
         x, d, p, cache, count, done, mcache, toks, steps, accepted, drafts = c
         drafts = drafts.at[count].set(d)  # d guesses the token at p + 1 = L + count, i.e. new token `count`
         pos_12 = jnp.stack([p, p + 1])[None]
-        o = step_net.apply(variables, jnp.stack([x, d])[None], pos_12, cache, absorb=True)
+        o = step_net.apply(step_vars, jnp.stack([x, d])[None], pos_12, cache, absorb=True)
         y = jnp.argmax(o.logits[0], -1).astype(jnp.int32)  # [2]
         acc = d == y[0]
         toks = toks.at[count].set(y[0]).at[count + 1].set(jnp.where(acc, y[1], PAD_OUT))
@@ -380,7 +382,7 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
         return (jnp.where(acc, y[1], y[0]), jnp.where(acc, dr[1], dr[0]), p + 1 + acc_i, o.cache,
                 count + 1 + acc_i, done, mcache, toks, steps + 1, accepted + acc_i, drafts)
 
-    c = (first, draft, length, out.cache, jnp.int32(1), first == eos_id, mcache, toks, jnp.int32(0),
+    c = (first, draft, length, unstack_cache(out.cache), jnp.int32(1), first == eos_id, mcache, toks, jnp.int32(0),
          jnp.int32(0), drafts)
     c = jax.lax.while_loop(cond, body, c)
     return c[7], c[4], c[8], c[9], c[10]

@@ -74,10 +74,14 @@ class Block(nn.Module):
         return x_btd + y, (aux, new_cache)
 
 
-def _block_stack(cfg: ModelConfig, moe: bool, n: int, absorb: bool, dot_general, name: str):
-    cls = Block
+def _block_class(cfg: ModelConfig):
     if cfg.remat_policy != "none":
-        cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    return Block
+
+
+def _block_stack(cfg: ModelConfig, moe: bool, n: int, absorb: bool, dot_general, name: str):
+    cls = _block_class(cfg)
     scanned = nn.scan(cls, variable_axes={"params": 0, "router": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, 0), length=n, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, absorb=absorb, dot_general=dot_general, name=name)
@@ -113,8 +117,15 @@ class Embed(nn.Module):
 
 
 class Transformer(nn.Module):
+    """stacked=False builds one Block per layer ("dense_layers_0", ..., "moe_layers_0", ...) instead of the
+    scanned stacks: the same function on the variables of :func:`unstack_layers`, with the cache as a tuple of
+    per-layer dicts (:func:`unstack_cache`). generate.py decodes with it: in a decode loop a scanned stack slices
+    (copies) every layer's weights out of the stacked arrays at every step, while per-layer arrays are sliced once,
+    before the loop (at batch 8 on the decode benchmark's model the copies cost about a third of a step)."""
+
     cfg: ModelConfig
     dot_general: Optional[object] = None  # precision policy for the FP8-eligible projections
+    stacked: bool = True
 
     @nn.compact
     def __call__(self, tokens_bt: jax.Array, positions_bt: Optional[jax.Array] = None,
@@ -136,8 +147,19 @@ class Transformer(nn.Module):
         for kind, n, moe in (("dense", cfg.num_dense_layers, False), ("moe", cfg.num_moe_layers, True)):
             if n == 0:
                 continue
-            stack = _block_stack(cfg, moe, n, absorb, self.dot_general, f"{kind}_layers")
-            x, (aux_k, cache_k) = stack(x, positions_bt, None if cache is None else cache[kind])
+            if self.stacked:
+                stack = _block_stack(cfg, moe, n, absorb, self.dot_general, f"{kind}_layers")
+                x, (aux_k, cache_k) = stack(x, positions_bt, None if cache is None else cache[kind])
+            else:
+                auxs, caches = [], []
+                for i in range(n):
+                    block = _block_class(cfg)(cfg, moe=moe, absorb=absorb, dot_general=self.dot_general,
+                                              name=f"{kind}_layers_{i}")
+                    x, (a, c) = block(x, positions_bt, None if cache is None else cache[kind][i])
+                    auxs.append(a)
+                    caches.append(c)
+                aux_k = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *auxs)
+                cache_k = tuple(caches)
             if moe:
                 aux["moe"] = aux_k
             if cache is not None:
@@ -161,6 +183,28 @@ class Transformer(nn.Module):
             if mtp_aux and mtp_aux[0]:
                 aux["mtp"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *mtp_aux)
         return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), aux=aux, hidden=hidden, cache=new_cache)
+
+
+def unstack_layers(variables, cfg: ModelConfig):
+    """The variables of ``Transformer(cfg, stacked=False)`` from those of the scanned model: every collection's
+    "{kind}_layers" stack [L, ...] becomes L subtrees "{kind}_layers_{i}" (the other entries are shared)."""
+    out = {}
+    for col, tree in variables.items():
+        tree = dict(tree)
+        for kind, n in (("dense", cfg.num_dense_layers), ("moe", cfg.num_moe_layers)):
+            stack = tree.pop(f"{kind}_layers", None)
+            if stack is not None:
+                for i in range(n):
+                    tree[f"{kind}_layers_{i}"] = jax.tree_util.tree_map(lambda a: a[i], stack)
+        out[col] = tree
+    return out
+
+
+def unstack_cache(cache: Dict[str, Any]) -> Dict[str, Tuple[Any, ...]]:
+    """A stacked latent cache ({kind: {name: [L, ...]}}) as {kind: (layer 0's {name: [...]}, ...)}."""
+    return {kind: tuple(jax.tree_util.tree_map(lambda a: a[i], c)
+                        for i in range(jax.tree_util.tree_leaves(c)[0].shape[0]))
+            for kind, c in cache.items()}
 
 
 def init(cfg: ModelConfig, rng: jax.Array, seq_len: Optional[int] = None, unbox: bool = True):

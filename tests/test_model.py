@@ -102,6 +102,31 @@ def test_cached_decoding_equals_full_forward(tiny):
     np.testing.assert_allclose(np.asarray(jnp.concatenate(logits, 1)), np.asarray(out.logits), rtol=1e-5, atol=1e-5)
 
 
+def test_unstacked_layers_same_function(tiny):
+    """Transformer(stacked=False) on unstack_layers(variables) (one Block per layer, generate.py's decode path):
+    the same logits, loads and MTP logits as the scanned model (itself checked layer by layer above), and the same
+    latent cache, as per-layer slices of the stacked one, when decoding."""
+    variables, tokens, out = tiny
+    uvars = model.unstack_layers(variables, CFG)
+    assert "moe_layers" not in uvars["params"] and "moe_layers_0" in uvars["router"]
+    np.testing.assert_array_equal(np.asarray(uvars["params"][f"moe_layers_{CFG.num_moe_layers - 1}"]["mlp"]
+                                             ["experts_down"]),
+                                  np.asarray(variables["params"]["moe_layers"]["mlp"]["experts_down"][-1]))
+    u = jax.jit(Transformer(CFG, stacked=False).apply)(uvars, tokens)
+    np.testing.assert_allclose(np.asarray(u.logits), np.asarray(out.logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(u.aux["moe"]["load"]), np.asarray(out.aux["moe"]["load"]))
+    np.testing.assert_allclose(np.asarray(u.mtp_logits[0]), np.asarray(out.mtp_logits[0]), rtol=1e-5, atol=1e-5)
+    pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+    cache = generate.init_cache(CFG, B, 16)
+    s = jax.jit(Transformer(CFG).apply)(variables, tokens[:, :6], pos[:, :6], cache)
+    su = jax.jit(Transformer(CFG, stacked=False).apply)(uvars, tokens[:, :6], pos[:, :6], model.unstack_cache(cache))
+    for kind in s.cache:
+        for i, layer in enumerate(su.cache[kind]):
+            for name, a in layer.items():
+                np.testing.assert_allclose(np.asarray(a), np.asarray(s.cache[kind][name][i]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(su.logits), np.asarray(out.logits[:, :6]), rtol=1e-5, atol=1e-5)
+
+
 def _loss(variables, tokens, cfg):
     def loss(params):
         o = Transformer(cfg).apply({"params": params, "router": variables["router"]}, tokens)

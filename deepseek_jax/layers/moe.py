@@ -86,7 +86,10 @@ def _swiglu(h_gate, h_up):
 def dispatch_dense(x_nd, idx_nk, w_nk, wg, wu, wd):
     """Reference: every expert on every token; combine with a [N, E] weight matrix that is zero off-route."""
     N, E = x_nd.shape[0], wg.shape[0]
-    h = _swiglu(jnp.einsum("nd,edf->enf", x_nd, wg), jnp.einsum("nd,edf->enf", x_nd, wu))
+    # x broadcast over experts: a batched matmul reads each expert's weights in place ("nd,edf->enf" would make
+    # XLA transpose all weights into one [d, E*F] operand first)
+    x_end = jnp.broadcast_to(x_nd[None], (E,) + x_nd.shape)
+    h = _swiglu(jnp.einsum("end,edf->enf", x_end, wg), jnp.einsum("end,edf->enf", x_end, wu))
     y_end = jnp.einsum("enf,efd->end", h, wd)
     comb_ne = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], idx_nk].add(w_nk)
     return jnp.einsum("ne,end->nd", comb_ne, y_end.astype(jnp.float32))
