@@ -349,3 +349,34 @@ def shard_train_step(model_cfg, train_cfg, mesh, donate: bool = True, ep_capacit
     call.state_shardings = state_sh
     call.batch_shardings = batch_sh
     return call
+
+
+def shard_eval_step(model_cfg, mesh, ep_capacity_factor: Optional[float] = None):
+    """``make_eval_step`` on ``mesh``: (params, router, batch) -> replicated sums. The batch (host values, the
+    same on every process: tokens [B, T+1] or [n, b, T+1], mask alike) is split over the batch axes; the params
+    keep their shardings; traced with ``use_mesh`` so the experts run expert-parallel as in training."""
+    from deepseek_jax.train.step import make_eval_step
+    step = make_eval_step(model_cfg)
+    n_batch = batch_axes_size(axis_sizes(mesh))
+
+    def traced(params, router, batch):
+        with use_mesh(mesh, ep_capacity_factor):
+            return step(params, router, batch)
+
+    jitted = jax.jit(traced, out_shardings=NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, batch_spec(3))
+
+    def call(params, router, batch):
+        batch = dict(batch)
+        for k in ("tokens", "mask"):
+            if k in batch and not isinstance(batch[k], jax.Array):
+                v = np.asarray(batch[k])
+                v = v[None] if v.ndim == 2 else v
+                if v.shape[1] % n_batch:
+                    raise ValueError(f"batch[{k!r}]: batch size {v.shape[1]} is not divisible by the mesh's "
+                                     f"batch axes data*fsdp*expert = {n_batch}")
+                batch[k] = put_global(v, sharding)
+        return jitted(params, router, batch)
+
+    call.jitted = jitted
+    return call

@@ -7,7 +7,17 @@
                                    batch_ramp (optional: start, tokens -> the paper's batch-size ramp)
   train                            deepseek_jax.train.step.default_train_config(...) (recipe, schedules)
   loop.*                           out_dir, ckpt_every, keep, eval_every, eval_batches, log_every, seed,
-                                   overwrite, sample_prompt, sample_tokens, grad_accum
+                                   overwrite, sample_prompt, sample_tokens, grad_accum,
+                                   mesh (optional: "" = one device; "data=2,expert=4" ... = parallel/mesh.py),
+                                   ep_capacity_factor (optional: None = dropless expert-parallel buffers)
+
+Parallel runs (``loop.mesh``): the state is initialised sharded (each device materialises only its shards),
+the step is ``parallel.mesh.shard_train_step`` (NamedSharding in/out, shard_map + all-to-all for the experts),
+validation runs on the same mesh, and orbax writes and restores the sharded state. Every process of a
+multi-process job (``jax.distributed.initialize()`` before ``run``; experiments/run.py does it with
+``--distributed``) reads the same deterministic data and keeps only its shards of each batch; only process 0
+writes logs, plots and summary.json. The mesh may change between a run and its resumption (orbax reshards);
+the bitwise resume guarantee holds for an unchanged mesh.
 
 Guarantees:
 - Rerunning the same command resumes from the newest checkpoint that restores (a corrupt newest one is
@@ -23,6 +33,7 @@ Guarantees:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -46,7 +57,9 @@ from deepseek_jax.train.optimizer import batch_size_at
 from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step
 
 # Fields that may differ between a run and its resumption (they do not change the computation).
-_RESUMABLE_KEYS = ("loop.overwrite", "loop.progress", "loop.step_delay_s")
+_RESUMABLE_KEYS = ("loop.overwrite", "loop.progress", "loop.step_delay_s", "loop.mesh")
+# Optional fields left out of the comparison while at their default, so runs made before they existed still match.
+_OMITTED_AT_DEFAULT = {"loop.ep_capacity_factor": None}
 
 
 class RunError(RuntimeError):
@@ -76,11 +89,20 @@ def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> Dict[str, Any]:
 
 def _comparable(cfg) -> Dict[str, Any]:
     flat = json.loads(json.dumps(_flat(cfg), default=str))
-    return {k: v for k, v in flat.items() if k not in _RESUMABLE_KEYS}
+    return {k: v for k, v in flat.items()
+            if k not in _RESUMABLE_KEYS and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
+
+
+def _is_main_process() -> bool:
+    return jax.process_index() == 0
 
 
 def _prepare_out_dir(cfg) -> str:
+    """Check (and with loop.overwrite, clear) the output directory on process 0; the others wait for it."""
     out = os.path.abspath(cfg.loop.out_dir)
+    if not _is_main_process():
+        _sync("prepare_out_dir")
+        return out
     path = os.path.join(out, "config.json")
     mine = _comparable(cfg)
     if os.path.exists(path):
@@ -98,7 +120,45 @@ def _prepare_out_dir(cfg) -> str:
     os.makedirs(out, exist_ok=True)
     with open(path, "w") as f:
         json.dump(mine, f, indent=1, sort_keys=True)
+    _sync("prepare_out_dir")
     return out
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def parallel_fields() -> Dict[str, Any]:
+    """The loop fields of a parallel run, for config files: ``loop = ConfigDict(dict(..., **parallel_fields()))``
+    makes ``--config.loop.mesh=data=2,expert=4`` and ``--config.loop.ep_capacity_factor=1.25`` settable."""
+    return {"mesh": "", "ep_capacity_factor": ml_collections.FieldReference(None, field_type=float)}
+
+
+def _parallel(cfg, plan):
+    """(mesh, ep_capacity_factor) from loop.mesh / loop.ep_capacity_factor; (None, None) for one device. Checks
+    that every batch the run will see splits evenly over the mesh's batch axes, naming the fields."""
+    spec = cfg.loop.get("mesh", "") or ""
+    if not spec:
+        return None, None
+    from deepseek_jax.parallel import mesh as mesh_lib
+    try:
+        n_dev = math.prod(mesh_lib.mesh_shape(spec).values())
+        # one process may use the first n of its devices; a multi-process mesh spans every device of the job
+        devices = jax.devices()[:n_dev] if jax.process_count() == 1 else None
+        mesh = mesh_lib.make_mesh(spec, devices)
+    except ValueError as e:
+        raise RunError(f"loop.mesh={spec!r}: {e}") from None
+    n = mesh_lib.batch_axes_size(mesh_lib.axis_sizes(mesh))
+    if plan.micro % n or cfg.data.batch_size % n:
+        raise RunError(f"loop.mesh={spec!r} splits every batch over data*fsdp*expert = {n} devices, but the "
+                       f"micro-batch (data.batch_size / loop.grad_accum = {plan.micro}) or the validation batch "
+                       f"(data.batch_size = {cfg.data.batch_size}) is not a multiple of {n}")
+    cf = cfg.loop.get("ep_capacity_factor", None)
+    if cf is not None and not float(cf) > 0:
+        raise RunError(f"loop.ep_capacity_factor must be None (dropless) or > 0, got {cf!r}")
+    return mesh, (None if cf is None else float(cf))
 
 
 def compute_dtype(requested: str = "auto", backend: Optional[str] = None) -> str:
@@ -201,6 +261,7 @@ def evaluate(eval_step, state, batches) -> Dict[str, float]:
 
 def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     plan = BatchPlan(cfg.data, cfg.loop.grad_accum)  # checks the batch fields before anything is written
+    mesh, ep_cf = _parallel(cfg, plan)  # and the mesh against them
     out_dir = _prepare_out_dir(cfg)
     # ---- data ----
     docs = data_lib.load_corpus(cfg.data.corpus)
@@ -216,12 +277,21 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     # ---- state ----
     tc = cfg.train
     total = int(tc.total_steps)
-    state = init_train_state(mcfg, tc, jax.random.PRNGKey(cfg.loop.seed), seq_len=cfg.data.seq_len)
+    if mesh is None:
+        state = init_train_state(mcfg, tc, jax.random.PRNGKey(cfg.loop.seed), seq_len=cfg.data.seq_len)
+        train_step = jax.jit(make_train_step(mcfg, tc), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(mcfg))
+    else:
+        from deepseek_jax.parallel import mesh as mesh_lib
+        state = mesh_lib.init_sharded_state(mcfg, tc, mesh, jax.random.PRNGKey(cfg.loop.seed), cfg.data.seq_len)
+        train_step = mesh_lib.shard_train_step(mcfg, tc, mesh, ep_capacity_factor=ep_cf)
+        eval_step = mesh_lib.shard_eval_step(mcfg, mesh, ep_capacity_factor=ep_cf)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep)
     meta_base = {"config": _comparable(cfg), "model_config": mcfg.to_dict(), "corpus_fingerprint": fp,
                  "corpus": {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
                             "bytes": data_lib.total_bytes(docs)},
-                 "code_version": _code_version(), "machine": machine_info()}
+                 "code_version": _code_version(), "machine": machine_info(),
+                 "mesh": dict(mesh.shape) if mesh is not None else None, "processes": jax.process_count()}
     restored = ckpt.restore_latest(abstract_like(state))
     if restored is not None:
         start, state, data_state, _ = restored
@@ -229,19 +299,18 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
         print(f"resuming {out_dir} from step {start}")
     else:
         start = 0
-    writer = MetricsWriter(out_dir)
-    truncate_jsonl(writer.path, start)
-    val_writer = MetricsWriter(out_dir, "validation", tensorboard=False)
-    truncate_jsonl(val_writer.path, start)
-
-    train_step = jax.jit(make_train_step(mcfg, tc), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(mcfg))
+    main = _is_main_process()
+    writer = MetricsWriter(out_dir) if main else _NullWriter()
+    val_writer = MetricsWriter(out_dir, "validation", tensorboard=False) if main else _NullWriter()
+    if main:
+        truncate_jsonl(writer.path, start)
+        truncate_jsonl(val_writer.path, start)
 
     def save(step):
         ckpt.save(step, state, it.get_state(), dict(meta_base, step=int(step)))
 
     progress = None
-    if cfg.loop.get("progress", True):
+    if cfg.loop.get("progress", True) and main:
         from tqdm import tqdm
         progress = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
                         mininterval=1.0)
@@ -304,11 +373,23 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     if stopped_by:
         print(f"\n{stopped_by}: checkpoint written at step {step}; rerun the same command to resume.")
         return summary
-    summary["sample"] = _sample(cfg, mcfg, state, tok)
-    summary["plots"] = plot_run(out_dir)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+    # the sample decodes on process-local arrays; a multi-process run has no process holding the whole state
+    summary["sample"] = _sample(cfg, mcfg, state, tok) if jax.process_count() == 1 else None
+    if main:
+        summary["plots"] = plot_run(out_dir)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
     return summary
+
+
+class _NullWriter:
+    """The metrics writer of processes other than 0."""
+
+    def write(self, step, rec):
+        pass
+
+    def close(self):
+        pass
 
 
 def _sample(cfg, mcfg, state, tok) -> Optional[Dict[str, str]]:
@@ -348,10 +429,15 @@ def plot_run(out_dir: str) -> list:
         axes[1].plot([r["step"] for r in val], [r["bpb"] for r in val], "o-", label="val bits/byte")
     axes[1].plot(s, [r["bpb_train"] for r in train], alpha=0.5, label="train bits/byte")
     axes[1].set_xlabel("step"); axes[1].legend(); axes[1].set_title("bits per byte")
-    axes[2].plot(s, [r["max_vio_batch"] for r in train], label="MaxVio_batch")
+    if "max_vio_batch" in train[0]:
+        axes[2].plot(s, [r["max_vio_batch"] for r in train], label="MaxVio_batch")
     if val and "max_vio_global" in val[0]:
         axes[2].plot([r["step"] for r in val], [r["max_vio_global"] for r in val], "o-", label="MaxVio_global (val)")
-    axes[2].set_xlabel("step"); axes[2].legend(); axes[2].set_title("expert load imbalance")
+    if axes[2].lines:
+        axes[2].legend()
+    else:  # a dense model (e.g. the scaling experiment's): no experts to balance
+        axes[2].text(0.5, 0.5, "no MoE layers", ha="center", va="center", transform=axes[2].transAxes)
+    axes[2].set_xlabel("step"); axes[2].set_title("expert load imbalance")
     fig.tight_layout()
     p = os.path.join(out_dir, "curves.png")
     fig.savefig(p, dpi=100)

@@ -38,6 +38,7 @@ from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 
+from deepseek_jax.train.loop import parallel_fields
 from deepseek_jax.train.step import default_train_config
 
 SEEDS = (0, 1, 2)
@@ -62,7 +63,8 @@ def base_config(total_steps: int = 300, peak_lr: float = 2e-3, warmup_steps: int
     c.train.balance.scope = "sequence"
     c.loop = ml_collections.ConfigDict(dict(out_dir="runs/unnamed", seed=0, grad_accum=1, log_every=10,
                                             eval_every=100, eval_batches=16, ckpt_every=100, keep=1,
-                                            overwrite=False, progress=True, sample_prompt="", sample_tokens=0))
+                                            overwrite=False, progress=True, sample_prompt="", sample_tokens=0,
+                                            **parallel_fields()))
     return c
 
 

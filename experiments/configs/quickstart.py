@@ -7,6 +7,7 @@ which 2 are kept), a dense first layer, aux-loss-free balancing, MTP depth 1, by
 
 import ml_collections
 
+from deepseek_jax.train.loop import parallel_fields
 from deepseek_jax.train.step import default_train_config
 
 
@@ -24,5 +25,6 @@ def get_config():
     c.loop = ml_collections.ConfigDict(dict(out_dir="runs/quickstart", seed=0, grad_accum=1, log_every=10,
                                             eval_every=40, eval_batches=16, ckpt_every=60, keep=2,
                                             overwrite=False, progress=True,
-                                            sample_prompt="def fibonacci(n):\n    ", sample_tokens=96))
+                                            sample_prompt="def fibonacci(n):\n    ", sample_tokens=96,
+                                            **parallel_fields()))
     return c

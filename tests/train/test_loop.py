@@ -156,3 +156,17 @@ def test_compute_dtype_auto_is_bf16_off_cpu_and_explicit_wins():
     assert loop_lib.model_config(c, tok).dtype == "float32"  # tests run on CPU
     c.model.overrides = {"rope_scaling": None, "dtype": "bfloat16"}
     assert loop_lib.model_config(c, tok).dtype == "bfloat16"
+
+
+def test_dense_model_runs_end_to_end(tmp_path):
+    """A model without MoE layers (the scaling experiment's dense MHA models) trains, validates and plots: no
+    expert-load metrics exist to log or draw (this path once crashed in plot_run)."""
+    c = _cfg(tmp_path / "dense")
+    c.model.overrides = {"rope_scaling": None, "first_k_dense_replace": 2, "num_hidden_layers": 2,
+                         "attention": "mha", "q_lora_rank": None, "num_nextn_predict_layers": 0}
+    c.train.total_steps = 2
+    c.loop.eval_every = 2
+    summary = loop_lib.run(c)
+    assert summary["step"] == 2 and np.isfinite(summary["validation"]["loss"])
+    assert "max_vio_global" not in summary["validation"]
+    assert summary["plots"] and all(os.path.getsize(p) > 0 for p in summary["plots"])
