@@ -34,6 +34,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     if _DISTRIBUTED.value:
         import jax
+        # cross-process collectives of the CPU backend (no effect on GPU/TPU, which bring their own)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
     try:

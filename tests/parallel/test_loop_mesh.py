@@ -15,6 +15,8 @@ expert parallelism (shard_map + all-to-all) and tensor-parallel projections, bat
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 
 import jax
@@ -100,6 +102,47 @@ def test_mesh_resume_is_bitwise(runs, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=jax.tree_util.keystr(path))
     steps = [r["step"] for r in read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]  # the log was cut back to the checkpoint and continued, no duplicates
+
+
+def test_two_processes_run_equals_single_device_run(runs, tmp_path):
+    """`experiments.run --distributed` in 2 processes on localhost (gloo CPU collectives, 4 virtual devices
+    each) with loop.mesh data=2,tensor=4: the data axis spans the processes, so the gradient reductions cross
+    them. Process 0 alone writes the logs; its losses equal the single-device run's within 1e-5."""
+    single, _, s1, _ = runs
+    root = os.path.dirname(os.path.dirname(HERE))
+    out = tmp_path / "two"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               XLA_FLAGS="--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=4")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # as tests/parallel/multihost_worker.py: no shared cache
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "experiments.run", "--distributed", f"--coordinator=localhost:{port}",
+           "--num_processes=2", f"--config={os.path.join(os.path.dirname(HERE), 'train', 'loop_config.py')}",
+           "--config.train.total_steps=4", "--config.loop.eval_every=4", f"--config.loop.out_dir={out}",
+           "--config.loop.mesh=data=2,tensor=4"]
+    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=600)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("\n".join(f"process {i} exited {p.returncode}:\n{logs[i][-2500:]}" for i, p in enumerate(procs)))
+    a = read_jsonl(os.path.join(str(single), "metrics.jsonl"))
+    b = read_jsonl(os.path.join(str(out), "metrics.jsonl"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # one writer: no duplicated records
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(ra["loss"]), (ra["step"], ra["loss"], rb["loss"])
+    with open(os.path.join(str(out), "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["processes"] == 2 and summary["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4}
+    assert abs(summary["validation"]["loss"] - s1["validation"]["loss"]) <= 1e-5 * s1["validation"]["loss"]
+    assert sorted(os.listdir(os.path.join(str(out), "checkpoints"))) == ["2", "4"]
 
 
 def test_mesh_that_does_not_divide_the_batch_is_refused(tmp_path):
