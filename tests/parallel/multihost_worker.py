@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from parallel_common import CFG, make_tokens, make_variables  # noqa: E402
+from parallel_common import CFG, make_tokens  # noqa: E402
 from test_sharded_step import _state, _train_cfg  # noqa: E402
 
 from deepseek_jax.parallel import mesh as mesh_lib  # noqa: E402

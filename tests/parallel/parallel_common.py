@@ -33,3 +33,32 @@ def make_variables(cfg, seed=0):
 
 def make_tokens(cfg, n_micro, b, seed=1):
     return np.random.RandomState(seed).randint(0, cfg.vocab_size, size=(n_micro, b, SEQ + 1)).astype(np.int32)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(cmds, env, cwd=None, timeout=600):
+    """Start one process per command (the processes of one jax.distributed job), wait for all, kill leftovers;
+    fail the test with each process's log tail if any exits non-zero. The wall limit is for loaded CI machines
+    (a hang in jax.distributed.initialize is bounded separately by its initialization timeout)."""
+    import subprocess
+
+    import pytest
+    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in cmds]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode != 0 for p in procs):
+        pytest.fail("\n".join(f"process {i} exited {p.returncode}:\n{logs[i][-2500:]}" for i, p in enumerate(procs)))
+    return logs

@@ -15,21 +15,20 @@ expert parallelism (shard_map + all-to-all) and tensor-parallel projections, bat
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from deepseek_jax.checkpoint import Checkpointer, abstract_like
+from deepseek_jax.checkpoint import Checkpointer
 from deepseek_jax.metrics import read_jsonl
 from deepseek_jax.train import loop as loop_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
 import loop_config  # noqa: E402
+from parallel_common import free_port, run_processes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (tests/conftest.py sets 8)")
 
@@ -114,25 +113,12 @@ def test_two_processes_run_equals_single_device_run(runs, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
                XLA_FLAGS="--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=4")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # as tests/parallel/multihost_worker.py: no shared cache
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "experiments.run", "--distributed", f"--coordinator=localhost:{port}",
            "--num_processes=2", f"--config={os.path.join(os.path.dirname(HERE), 'train', 'loop_config.py')}",
            "--config.train.total_steps=4", "--config.loop.eval_every=4", f"--config.loop.out_dir={out}",
            "--config.loop.mesh=data=2,tensor=4"]
-    procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail("\n".join(f"process {i} exited {p.returncode}:\n{logs[i][-2500:]}" for i, p in enumerate(procs)))
+    run_processes([cmd + [f"--process_id={i}"] for i in range(2)], env, cwd=root)
     a = read_jsonl(os.path.join(str(single), "metrics.jsonl"))
     b = read_jsonl(os.path.join(str(out), "metrics.jsonl"))
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # one writer: no duplicated records

@@ -4,15 +4,12 @@ mesh "expert=8" that spans both processes (so the expert all-to-all and the grad
 boundary), and the gathered parameters, router bias and metrics equal the single-process, single-device result."""
 
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
-import pytest
 
-from parallel_common import CFG, make_tokens
+from parallel_common import CFG, free_port, make_tokens, run_processes
 from test_sharded_step import RTOL, _rel, _state, _train_cfg
 
 from deepseek_jax.train.step import make_train_step
@@ -20,32 +17,13 @@ from deepseek_jax.train.step import make_train_step
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_single_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the workers compile afresh (multihost_worker.py says why)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), str(tmp_path), "expert=8"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            # ~35 s of CPU per process on an idle 2-core box; the generous wall limit is for loaded CI machines
-            # (a hang in jax.distributed.initialize is bounded separately by its 60 s initialization_timeout)
-            out, _ = p.communicate(timeout=600)
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail("\n".join(f"process {i} exited {p.returncode}:\n{logs[i][-2500:]}" for i, p in enumerate(procs)))
+    port = free_port()
+    # ~35 s of CPU per process on an idle 2-core box
+    run_processes([[sys.executable, WORKER, str(i), str(port), str(tmp_path), "expert=8"] for i in range(2)], env)
 
     tc = _train_cfg()
     want, want_m = jax.device_get(jax.jit(make_train_step(CFG, tc))(
