@@ -62,6 +62,10 @@ def test_scaling_plan_follows_deepseek_llm_laws():
         assert p["M"] == 72 * L * d * d + 12 * L * d * 128
         assert math.isclose(p["eta"], 0.3118 * p["C"] ** -0.125)
         assert p["batch"] == max(2, round(0.2920 * p["C"] ** 0.3271 / 128))
+        # on the compute-optimal frontier: M near M_opt(C), tokens near D_opt(C), the budget really spent
+        assert abs(p["M"] / (0.1715 * p["C"] ** 0.5243) - 1) < 0.12, arm
+        assert abs(p["tokens"] / (5.8316 * p["C"] ** 0.4757) - 1) < 0.12, arm
+        assert abs(p["C_trained"] / p["C"] - 1) < 0.01 and p["tokens"] == p["steps"] * p["batch"] * 128
         c = base.arm_model_config(scaling.get_config(arm))
         # dense MHA with 12 d^2 parameters per layer (+ norms), as M assumes
         per_layer = 4 * d * d + 3 * d * round(8 * d / 3)

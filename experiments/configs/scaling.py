@@ -1,14 +1,18 @@
-"""Scaling (DeepSeek LLM §3): loss vs compute over five dense model sizes spanning 45x in compute, each trained
-with the learning rate and batch size that DeepSeek LLM's fitted laws prescribe for its compute budget.
+"""Scaling (DeepSeek LLM §3): loss vs compute along DeepSeek LLM's compute-optimal allocation, five dense model
+sizes spanning 30x in compute, each trained with the learning rate and batch size its fitted laws prescribe.
 
     python -m experiments.sweep scaling
 
-Compute: C = M * D with M = 72 n_layer d^2 + 12 n_layer d l_seq (DeepSeek LLM's non-embedding FLOPs/token,
-forward + backward) and D the training tokens, fixed at 409,600 for every size (a compute-optimal D_opt(C) would
-need ~10^6-10^8 tokens per run here, beyond 30 CPU minutes for the larger sizes).
-Hyper-parameters per size: eta_opt = 0.3118 C^-0.1250, B_opt = 0.2920 C^0.3271 tokens (batch = B_opt / l_seq
-sequences, rounded, >= 2), DeepSeek LLM's multi-step schedule: warmup (5% of steps, at most 2000), peak to 80% of
-the steps, then x0.316 to 90%, then x0.1.
+Each arm is a compute budget C (roughly geometric steps from 1.5e11 to 4.6e12 FLOPs). The model is the (layers, width)
+whose M is closest to M_opt(C) = 0.1715 C^0.5243 among small MHA shapes, and it trains on D = C / M tokens
+(close to D_opt(C) = 5.8316 C^0.4757, since M is close to M_opt), so every size sits on the compute-optimal
+frontier that the paper's loss-vs-compute power law describes. (An earlier design trained every size on the same
+409,600 tokens: then the larger models, with fewer steps, did worse, and the loss rose with compute; that is the
+under-trained regime, not the frontier.)
+M = 72 n_layer d^2 + 12 n_layer d l_seq is DeepSeek LLM's non-embedding FLOPs per token (forward + backward),
+C = M * D. Hyper-parameters per size: eta_opt = 0.3118 C^-0.1250, B_opt = 0.2920 C^0.3271 tokens (batch = B_opt /
+l_seq sequences, rounded, >= 2), DeepSeek LLM's multi-step schedule: warmup (5% of steps, at most 2000), peak to 80%
+of the steps, then x0.316 to 90%, then x0.1.
 Model: dense (first_k_dense_replace = n_layer, no MoE), MHA with head dim d/H split evenly between the nope and
 the rope part, SwiGLU width round(8d/3), so the parameters per layer are 12 d^2 as M assumes (DeepSeek LLM
 rotates the whole head; here RoPE covers half of it).
@@ -19,13 +23,12 @@ from experiments.configs import base
 EXPERIMENT = "scaling"
 SEEDS = base.SEEDS
 SEQ_LEN = 128
-TOKENS = 409_600
-SIZES = {  # arm: (n_layer, d_model, heads)
-    "s1": (1, 32, 2),
-    "s2": (2, 48, 2),
-    "s3": (2, 64, 4),
-    "s4": (3, 96, 4),
-    "s5": (4, 128, 4),
+SIZES = {  # arm: (n_layer, d_model, heads, compute budget C in FLOPs)
+    "s1": (1, 32, 2, 1.5e11),
+    "s2": (1, 40, 2, 3.51e11),
+    "s3": (1, 56, 2, 8.22e11),
+    "s4": (2, 48, 2, 1.92e12),
+    "s5": (2, 64, 4, 4.6e12),
 }
 
 
@@ -42,15 +45,23 @@ def b_opt_tokens(C: float) -> float:
     return 0.2920 * C ** 0.3271
 
 
+def m_opt(C: float) -> float:
+    return 0.1715 * C ** 0.5243
+
+
+def d_opt(C: float) -> float:
+    return 5.8316 * C ** 0.4757
+
+
 def arm_plan(arm: str) -> dict:
-    L, d, H = SIZES[arm]
+    L, d, H, C = SIZES[arm]
     M = flops_per_token(L, d)
-    C = M * TOKENS
     batch = max(2, round(b_opt_tokens(C) / SEQ_LEN))
-    steps = max(1, round(TOKENS / (batch * SEQ_LEN)))
+    steps = max(1, round(C / M / (batch * SEQ_LEN)))
     # eta and B from the nominal budget; C_trained from the tokens the rounded batch and steps really see
-    return {"n_layer": L, "d_model": d, "heads": H, "M": M, "C": C, "eta": eta_opt(C), "batch": batch,
-            "steps": steps, "C_trained": M * steps * batch * SEQ_LEN}
+    return {"n_layer": L, "d_model": d, "heads": H, "M": M, "C": C, "M_opt": m_opt(C), "D_opt": d_opt(C),
+            "eta": eta_opt(C), "batch": batch, "steps": steps, "tokens": steps * batch * SEQ_LEN,
+            "C_trained": M * steps * batch * SEQ_LEN}
 
 
 def _arm(arm: str) -> dict:
