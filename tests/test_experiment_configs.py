@@ -3,12 +3,14 @@ claims hold by arithmetic (attention pairs at matched parameters, MoE arms at eq
 scaling's compute span and DeepSeek LLM's laws); paper-scale presets match PAPER.md's counts."""
 
 import math
+import os
 
 import pytest
 
 from deepseek_jax import config, model
+from deepseek_jax.train import loop as loop_lib
 from experiments import sweep
-from experiments.configs import attention, base, moe, scaling
+from experiments.configs import attention, balancing, base, fp8, moe, mtp, scaling
 
 
 @pytest.mark.parametrize("name", sweep.EXPERIMENTS)
@@ -83,3 +85,41 @@ def test_paper_scale_presets_match_paper_counts(name, total, activated):
     c = model.count_params(config.preset(name))
     assert abs(c["total"] / total - 1) < 0.01, c
     assert abs(c["activated"] / activated - 1) < 0.05, c
+
+
+@pytest.mark.parametrize("exp, arm", [(balancing, "seq_aux"), (mtp, "mtp1"), (fp8, "fp8")])
+def test_paper_scale_arms(exp, arm, tmp_path):
+    """``<arm>,scale=paper``: the 15.7B MoE preset, V3's recipe (seq 4K, batch 3072 -> 15360 over 469B tokens,
+    1.33T tokens in all, gamma 0.001), the arm's paper diff; the run refuses to start without a corpus."""
+    c = exp.get_config(f"{arm},scale=paper,seed=1")
+    assert c.model.preset == "ablation-small-moe-15.7b" and c.loop.out_dir == f"runs/paper/{exp.EXPERIMENT}/{arm}/seed1"
+    counts = model.count_params(config.preset(c.model.preset))
+    assert abs(counts["total"] / 15.7e9 - 1) < 0.01 and abs(counts["activated"] / 2.4e9 - 1) < 0.03
+    assert (c.data.seq_len, c.data.batch_size, c.data.batch_ramp.start, c.data.batch_ramp.tokens) == (
+        4096, 15360, 3072, 469e9)
+    assert c.train.balance.gamma == 0.001 and c.train.optim.peak_lr == 2.2e-4 and c.data.fim_rate == 0.1
+    # total_steps: the first step at which the ramped batches have covered 1.33T tokens (hand-rolled ramp)
+    micro, seen, steps = 15360 // c.loop.grad_accum, 0, 0
+    while seen < 1.33e12:
+        bs = 3072 + (15360 - 3072) * min(1.0, seen / 469e9)
+        seen += max(micro, int(bs / micro + 1e-9) * micro) * 4096
+        steps += 1
+    assert c.train.total_steps == steps
+    for k, v in exp.PAPER_ARMS[arm].items():
+        node = c
+        for part in k.split("."):
+            node = node[part]
+        assert node == v, k
+    c.loop.out_dir = str(tmp_path / "paper")
+    with pytest.raises(loop_lib.RunError, match="data.corpus is empty"):
+        loop_lib.run(c)
+    assert not os.path.exists(tmp_path / "paper")
+
+
+def test_cpu_shaped_experiments_have_no_paper_scale():
+    with pytest.raises(ValueError, match="no paper-scale arm 'mla'"):
+        attention.get_config("mla,scale=paper")
+    with pytest.raises(ValueError, match="no paper-scale arm 'aux_free_g01'"):
+        balancing.get_config("aux_free_g01,scale=paper")
+    with pytest.raises(ValueError, match="expected 'seed=<int>' or 'scale=cpu|paper'"):
+        mtp.get_config("none,scale=huge")

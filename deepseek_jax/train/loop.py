@@ -260,6 +260,10 @@ def evaluate(eval_step, state, batches) -> Dict[str, float]:
 
 
 def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
+    for field in ("corpus", "tokenizer"):  # paper-scale configs leave both to the user
+        if not str(cfg.data.get(field, "") or "").strip():
+            raise RunError(f"data.{field} is empty: set it, e.g. --config.data.{field}=... (see "
+                           f"deepseek_jax/data for the corpus and tokenizer specs)")
     plan = BatchPlan(cfg.data, cfg.loop.grad_accum)  # checks the batch fields before anything is written
     mesh, ep_cf = _parallel(cfg, plan)  # and the mesh against them
     out_dir = _prepare_out_dir(cfg)

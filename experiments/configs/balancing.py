@@ -3,6 +3,7 @@ batch-wise aux loss vs nothing, on the CPU base model (experiments/configs/base.
 
     python -m experiments.sweep balancing                     # 4 arms x 3 seeds, then the tables
     python -m experiments.run --config=experiments/configs/balancing.py:aux_free,seed=1
+    python -m experiments.run --config=experiments/configs/balancing.py:aux_free,scale=paper ...  # a cluster
 
 Arms (each a diff over the base, which has gamma 0.05, alpha 1e-4 sequence-wise, bias update on):
   aux_free   bias update only (alpha 0): LF's "Loss-Free Balancing"
@@ -28,6 +29,17 @@ ARMS = {
     # sensitivity: a 5x slower bias (gamma 0.05 makes the bias oscillate by more than the router's score spread)
     "aux_free_g01": {"train.balance.alpha": 0.0, "train.balance.bias_update": True, "train.balance.gamma": 0.01},
 }
+# Paper scale (``<arm>,scale=paper``, base.paper_base_config: the 15.7B MoE, V3's recipe; for a cluster): the
+# papers' own strengths, gamma 0.001 (V3 §2.1.2) and alpha 0.001 for the aux-loss baselines (LF §4.1; V3 §4.5.2
+# uses "the same as DeepSeek-V2-Lite", which PAPER.md does not give). aux_free_g01 is a CPU-scale sensitivity arm.
+PAPER_ALPHA = 1e-3
+PAPER_ARMS = {
+    "aux_free": {"train.balance.alpha": 0.0, "train.balance.bias_update": True},
+    "seq_aux": {"train.balance.alpha": PAPER_ALPHA, "train.balance.bias_update": False},
+    "batch_aux": {"train.balance.alpha": PAPER_ALPHA, "train.balance.bias_update": False,
+                  "train.balance.scope": "batch"},
+    "none": {"train.balance.alpha": 0.0, "train.balance.bias_update": False},
+}
 CLAIMS = [
     dict(id="maxvio_aux_free_vs_aux", metric="max_vio_global", a="aux_free", b="seq_aux", expect="less",
          claim="Aux-loss-free balancing reaches a lower MaxVio_global than an auxiliary loss",
@@ -51,4 +63,4 @@ CLAIMS = [
 
 
 def get_config(arg="aux_free"):
-    return base.experiment_config(EXPERIMENT, ARMS, arg)
+    return base.experiment_config(EXPERIMENT, ARMS, arg, paper_arms=PAPER_ARMS)

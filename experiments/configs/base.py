@@ -68,6 +68,47 @@ def base_config(total_steps: int = 300, peak_lr: float = 2e-3, warmup_steps: int
     return c
 
 
+# Paper scale (``<arm>,scale=paper``): V3 §4.5's small ablation baseline, the 15.7B MoE (preset
+# "ablation-small-moe-15.7b": V2-Lite's shape, see BUILD.md), on 1.33T tokens with V3's pre-training recipe (§4.2:
+# seq 4K, batch 3072 -> 15360 over 469B tokens, LR 2.2e-4 with its phases mapped onto the run, gamma 0.001,
+# alpha 1e-4, FIM 0.1, BF16 Adam moments). The recipe of the ablation runs themselves is not published beyond
+# this; the corpus and tokenizer are the user's (the paper's data and 128K BPE are not public): both fields are
+# left empty and the run refuses to start until they are set, e.g.
+#   python -m experiments.run --distributed --config=experiments/configs/balancing.py:aux_free,scale=paper \
+#       --config.data.corpus='/data/shards/*.jsonl:text' --config.data.tokenizer=/data/tokenizer.json \
+#       --config.loop.mesh=fsdp=16,expert=8
+PAPER_PRESET = "ablation-small-moe-15.7b"
+PAPER_TOKENS = 1.33e12
+PAPER_GRAD_ACCUM = 40  # micro-batch 15360 / 40 = 384 sequences; the ramp's start 3072 is 8 of them
+
+
+def steps_for_tokens(data_cfg, grad_accum: int, tokens: float) -> int:
+    """Steps until ``tokens`` training tokens are seen, with the loop's own batch plan (ramp included)."""
+    from deepseek_jax.train.loop import BatchPlan
+    plan, seen, step = BatchPlan(data_cfg, grad_accum), 0.0, 0
+    while seen < tokens:
+        seen += plan.size(step) * plan.seq_len
+        step += 1
+    return step
+
+
+def paper_base_config() -> ml_collections.ConfigDict:
+    """The run config of every arm at paper scale (the comment above)."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict({"preset": PAPER_PRESET, "overrides": {}, "compute_dtype": "auto"})
+    c.data = ml_collections.ConfigDict(dict(corpus="", tokenizer="", seq_len=4096, batch_size=15360,
+                                            fim_rate=0.1, val_fraction=0.001, seed=0))
+    c.data.batch_ramp = ml_collections.ConfigDict(dict(start=3072, tokens=469e9))
+    c.train = default_train_config(total_steps=steps_for_tokens(c.data, PAPER_GRAD_ACCUM, PAPER_TOKENS))
+    c.train.optim.bf16_moments = True
+    c.train.balance.scope = "sequence"
+    c.loop = ml_collections.ConfigDict(dict(out_dir="runs/unnamed", seed=0, grad_accum=PAPER_GRAD_ACCUM,
+                                            log_every=10, eval_every=1000, eval_batches=64, ckpt_every=500,
+                                            keep=3, overwrite=False, progress=True, sample_prompt="",
+                                            sample_tokens=0, **parallel_fields()))
+    return c
+
+
 def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
     """cfg["a.b.c"] = value for a dotted key; the path must exist (a typo in an arm raises, naming it), except
     under ``model.overrides`` where any ModelConfig field may be added (ModelConfig validates it at run time)."""
@@ -84,27 +125,42 @@ def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
 
 
 def parse_arg(arg: Optional[str], arms: Mapping[str, Any]):
-    """'<arm>' or '<arm>,seed=<n>' -> (arm, seed or None); raises naming the known arms."""
-    arg = (arg or "").strip()
-    seed = None
-    if "," in arg:
-        arg, rest = arg.split(",", 1)
+    """'<arm>[,seed=<n>][,scale=cpu|paper]' -> (arm, seed or None, scale); raises naming the known arms."""
+    parts = [p.strip() for p in (arg or "").split(",")]
+    arg, seed, scale = parts[0], None, "cpu"
+    for rest in parts[1:]:
         k, _, v = rest.partition("=")
-        if k.strip() != "seed" or not v.strip().lstrip("-").isdigit():
-            raise ValueError(f"config argument {rest!r}: expected 'seed=<int>'")
-        seed = int(v)
+        k, v = k.strip(), v.strip()
+        if k == "seed" and v.lstrip("-").isdigit():
+            seed = int(v)
+        elif k == "scale" and v in ("cpu", "paper"):
+            scale = v
+        else:
+            raise ValueError(f"config argument {rest!r}: expected 'seed=<int>' or 'scale=cpu|paper'")
     if arg not in arms:
         raise ValueError(f"unknown arm {arg!r}; this experiment's arms: {sorted(arms)}")
-    return arg, seed
+    return arg, seed, scale
 
 
 def experiment_config(experiment: str, arms: Mapping[str, Mapping[str, Any]], arg: Optional[str],
-                      base: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
+                      base: Optional[ml_collections.ConfigDict] = None,
+                      paper_arms: Optional[Mapping[str, Mapping[str, Any]]] = None) -> ml_collections.ConfigDict:
     """Base config + the arm's diff; ``loop.seed`` and ``data.seed`` = the seed (default 0); out_dir
     runs/sweeps/<experiment>/<arm>/seed<seed> (experiments/sweep.py copies the small logs into
-    experiments/results/<experiment>/runs/)."""
-    arm, seed = parse_arg(arg, arms)
-    cfg = copy.deepcopy(base) if base is not None else base_config()
+    experiments/results/<experiment>/runs/). With ``scale=paper`` in ``arg``: ``paper_base_config()`` + the
+    arm's diff from ``paper_arms`` (an experiment without them has no paper-scale version), out_dir
+    runs/paper/<experiment>/<arm>/seed<seed>."""
+    arm, seed, scale = parse_arg(arg, dict(arms, **(paper_arms or {})))
+    if scale == "paper":
+        if not paper_arms or arm not in paper_arms:
+            raise ValueError(f"experiment {experiment!r} has no paper-scale arm {arm!r}"
+                             + (f"; its paper-scale arms: {sorted(paper_arms)}" if paper_arms else
+                                " (its arms are shaped for the CPU base model)"))
+        cfg, arms = paper_base_config(), paper_arms
+    else:
+        if arm not in arms:
+            raise ValueError(f"unknown arm {arm!r}; this experiment's arms: {sorted(arms)}")
+        cfg = copy.deepcopy(base) if base is not None else base_config()
     diff = dict(arms[arm])
     steps = diff.pop("train.total_steps", None)
     if steps is not None:  # the schedule's step-valued fields follow total_steps
@@ -118,7 +174,7 @@ def experiment_config(experiment: str, arms: Mapping[str, Mapping[str, Any]], ar
     seed = 0 if seed is None else seed
     cfg.loop.seed = seed
     cfg.data.seed = seed
-    cfg.loop.out_dir = f"runs/sweeps/{experiment}/{arm}/seed{seed}"
+    cfg.loop.out_dir = f"runs/{'paper' if scale == 'paper' else 'sweeps'}/{experiment}/{arm}/seed{seed}"
     return cfg
 
 

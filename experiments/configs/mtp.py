@@ -13,6 +13,7 @@ ARMS = {
     "none": {"model.overrides.num_nextn_predict_layers": 0},
     "mtp1": {"model.overrides.num_nextn_predict_layers": 1},  # lambda 0.3 -> 0.1 at 10/14.8 of the run
 }
+PAPER_ARMS = ARMS  # ``<arm>,scale=paper``: the same diffs over base.paper_base_config (the 15.7B MoE)
 CLAIMS = [
     dict(id="bpb_mtp_vs_none", metric="bpb", a="mtp1", b="none", expect="equal",
          claim="MTP training leaves the main model's language-modelling BPB unchanged (its gains are on benchmarks)",
@@ -21,4 +22,4 @@ CLAIMS = [
 
 
 def get_config(arg="none"):
-    return base.experiment_config(EXPERIMENT, ARMS, arg)
+    return base.experiment_config(EXPERIMENT, ARMS, arg, paper_arms=PAPER_ARMS)
