@@ -292,7 +292,8 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
         if k >= 0:
             return "contradicted", ours, "loss does not fall with compute in these runs."
         return ("not at this scale", ours, f"loss falls but {'not monotonically' if not monotone else 'the fit is poor'}"
-                f" (R² {r2:.3f}); seed noise or the fixed-token budget dominates at this size.")
+                f" (R² {r2:.3f}): at these sizes seed noise and the discrete depth and width of each model (1 or 2"
+                f" layers) move the loss as much as a step in compute does.")
     a, b = claim["a"], claim["b"]
     if a not in stats or b not in stats or min(stats[a]["n"], stats[b]["n"]) < MIN_SEEDS:
         return None
