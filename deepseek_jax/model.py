@@ -174,7 +174,8 @@ class Transformer(nn.Module):
         if cache is None and D > 0 and T > D:
             h_prev, mtp_aux = hidden, []
             for k in range(1, D + 1):
-                h_k, normed_k, aux_k = MTPModule(cfg, Block, cfg.num_hidden_layers + k - 1, self.dot_general,
+                h_k, normed_k, aux_k = MTPModule(cfg, _block_class(cfg), cfg.num_hidden_layers + k - 1,
+                                                 self.dot_general,
                                                  name=f"mtp_{k - 1}")(
                     h_prev[:, :T - k], embed(tokens_bt[:, k:]), positions_bt[:, :T - k])
                 mtp_logits.append(head(normed_k))

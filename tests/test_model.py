@@ -150,6 +150,22 @@ def test_remat_same_values_and_gradients(tiny, grads_no_remat, policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+def test_remat_policy_covers_the_mtp_block(tiny):
+    """The scanned stacks remat inside their scan bodies; the MTP module's block must be rematerialised too (one
+    top-level remat in the loss's jaxpr), else its activations stay live at paper scale."""
+    variables, tokens, _ = tiny
+
+    def top_level_remats(cfg):
+        def loss(params):
+            o = Transformer(cfg).apply({"params": params, "router": variables["router"]}, tokens)
+            return jnp.mean(o.logits ** 2) + jnp.mean(o.mtp_logits[0] ** 2)
+        eqns = jax.make_jaxpr(loss)(variables["params"]).jaxpr.eqns
+        return sum(e.primitive.name in ("checkpoint", "remat", "remat2") for e in eqns)
+
+    assert top_level_remats(CFG) == 0
+    assert top_level_remats(CFG.replace(remat_policy="full")) == CFG.num_nextn_predict_layers == 1
+
+
 def test_out_of_vocabulary_tokens_raise(tiny):
     variables, tokens, _ = tiny
     net = Transformer(CFG)

@@ -67,7 +67,8 @@ class RunError(RuntimeError):
 
 
 def _code_version() -> str:
-    return git_rev(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), dirty=False)
+    """git HEAD of the code that runs, with "+dirty" when tracked files differ from it (uncommitted changes)."""
+    return git_rev(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), dirty=True)
 
 
 def machine_info() -> Dict[str, Any]:
