@@ -111,6 +111,11 @@ def _fp8_from(v):
     return v  # rejected by validation
 
 
+# How this project runs a model, not what the model is: never read from or written to a hub config.json.
+POLICY_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy", "attn_chunk", "fp8",
+                 "attention")
+
+
 def _check(ok: bool, field: str, rule: str) -> None:
     if not ok:
         raise ValueError(f"ModelConfig.{field}: {rule}")
@@ -161,6 +166,7 @@ class ModelConfig:
     moe_dispatch: str = "auto"  # auto | ragged | sorted_tiles | dense
     moe_tile_size: int = 128  # rows per tile of the `sorted_tiles` dispatch
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    attn_chunk: int = 0  # MLA's naive attention in query chunks of this many rows, each rematerialised (0: whole)
 
     # --- attention ablation (experiments/configs/attention.py); not part of a DeepSeek checkpoint ---
     attention: str = "mla"  # mla (DeepSeek-V2/V3) | mha | gqa  (layers/attention.py: MLA or GQA)
@@ -208,6 +214,8 @@ class ModelConfig:
                f"must be one of {MOE_DISPATCHES}, got {self.moe_dispatch!r}")
         _check(self.remat_policy in REMAT_POLICIES, "remat_policy",
                f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        _check(isinstance(self.attn_chunk, int) and not isinstance(self.attn_chunk, bool) and self.attn_chunk >= 0,
+               "attn_chunk", f"must be an int >= 0 (0: no chunking), got {self.attn_chunk!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         _check(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}, got {self.attention!r}")
@@ -346,8 +354,7 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         # Execution-policy fields are never read from config.json: newer transformers write "dtype" (the storage
         # dtype of the weights), which must not become this project's compute dtype.
-        policy = ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy", "fp8", "attention",
-                  "num_key_value_heads")  # hub configs say num_key_value_heads = H; MLA ignores it
+        policy = POLICY_FIELDS + ("num_key_value_heads",)  # hub configs say num_key_value_heads = H; MLA ignores it
         kw = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "rope_theta") + policy}
         if "n_routed_experts" not in hf and "num_local_experts" in hf:
             kw["n_routed_experts"] = hf["num_local_experts"]
@@ -376,8 +383,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention: to_hf writes DeepSeek-V3 (MLA) configs only, got "
                              f"attention={self.attention!r}")
         arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy", "fp8",
-                                  "rope_scaling", "attention", "num_key_value_heads")}
+                if f.name not in POLICY_FIELDS + ("rope_scaling", "num_key_value_heads")}
         hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_act": "silu",
               "attention_bias": False, "attention_dropout": 0.0, "rope_interleave": True,
               "num_key_value_heads": self.num_attention_heads, "torch_dtype": self.param_dtype, **arch}

@@ -120,9 +120,9 @@ def flops_per_token(cfg, seq_len: int = PAPER_SEQ) -> Dict[str, float]:
 
 
 def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_batch: int, remat: str,
-         ep_capacity_factor=None) -> Dict[str, Any]:
+         ep_capacity_factor=None, attn_chunk: int = 0) -> Dict[str, Any]:
     cfg = config_lib.preset(preset, dtype="bfloat16", param_dtype="float32", moe_dispatch="ragged",
-                            remat_policy=remat)
+                            remat_policy=remat, attn_chunk=attn_chunk)
     tc = default_train_config(total_steps=100_000)
     am = mesh_lib.abstract_mesh(mesh_spec)
     sizes = mesh_lib.axis_sizes(am)
@@ -212,16 +212,21 @@ def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_bat
     step_s = global_batch * seq_len / (tok_s_gpu * n_dev)  # at the paper's throughput on this many devices
     mfu = {f"{k}_{p}": tok_s_gpu * fl[k] / v for k in ("main", "with_mtp") for p, v in H800_PEAK.items()}
 
-    total = p_bytes + r_bytes + o_bytes + g_bytes + act_bytes + block_ws + ep_layer_buffers
+    # With attn_chunk, one chunk's scores are recomputed inside the block's backward and are not residuals:
+    # [micro, H, chunk, T] as fp32 masked scores + fp32 exp + bf16 probs + bool mask (by formula, not lowered).
+    chunk_ws = (micro_batch * cfg.num_attention_heads * attn_chunk * seq_len * (4 + 4 + 2 + 1)
+                if 0 < attn_chunk < seq_len else 0)
+    total = p_bytes + r_bytes + o_bytes + g_bytes + act_bytes + block_ws + chunk_ws + ep_layer_buffers
     return {
         "preset": preset, "mesh": sizes, "devices": n_dev, "seq_len": seq_len, "micro_batch_per_device": micro_batch,
         "global_batch_sequences": global_batch, "micro_batches_per_step": micro_per_step, "remat_policy": remat,
         "compute_dtype": "bfloat16", "param_dtype": "float32", "moe_dispatch_local": "ragged",
-        "ep_capacity_factor": ep_capacity_factor, "lower_seconds": round(t_lower, 1),
+        "ep_capacity_factor": ep_capacity_factor, "attn_chunk": attn_chunk, "lower_seconds": round(t_lower, 1),
         "lowered_all_to_all_buffer_types": a2a_shapes,
         "bytes_per_device": {
             "parameters": p_bytes, "router_bias": r_bytes, "optimizer_state": o_bytes, "gradients": g_bytes,
             "activations_saved_per_micro_batch": act_bytes, "one_block_backward_working_set": block_ws,
+            "attention_chunk_recompute": chunk_ws,
             "ep_all_to_all_buffers_one_layer": ep_layer_buffers, "total": total},
         "largest_saved_activations": act_top, "largest_block_residuals": block_top,
         "flops_per_token": fl,
@@ -249,7 +254,8 @@ def _md(r: Dict[str, Any], command: str, machine: Dict[str, Any]) -> str:
         f"Batch: {r['global_batch_sequences']} sequences x {r['seq_len']} tokens per step, micro-batch "
         f"{r['micro_batch_per_device']} sequence(s) per device, {r['micro_batches_per_step']:g} micro-batches per "
         f"step; remat `{r['remat_policy']}`, bf16 compute, fp32 master weights and Adam moments, local expert "
-        f"dispatch `ragged`, EP capacity factor {r['ep_capacity_factor']} (None = dropless static buffer).", "",
+        f"dispatch `ragged`, EP capacity factor {r['ep_capacity_factor']} (None = dropless static buffer), attention "
+        f"query chunk {r['attn_chunk'] or 'none (the whole sequence)'}.", "",
         "| per device | bytes |", "|---|---|",
         f"| parameters (fp32) | {g(b['parameters'])} |",
         f"| router bias | {b['router_bias']:,} B |",
@@ -258,6 +264,8 @@ def _md(r: Dict[str, Any], command: str, machine: Dict[str, Any]) -> str:
         f"| activations saved for backward, one micro-batch, remat `{r['remat_policy']}` | "
         f"{g(b['activations_saved_per_micro_batch'])} |",
         f"| one block's backward working set (no remat inside the block) | {g(b['one_block_backward_working_set'])} |",
+        *([f"| one attention chunk's recomputed scores ({r['attn_chunk']} query rows; by formula) | "
+           f"{g(b['attention_chunk_recompute'])} |"] if b.get("attention_chunk_recompute") else []),
         f"| EP all-to-all buffers, one MoE layer (send+recv, dispatch+combine) | "
         f"{g(b['ep_all_to_all_buffers_one_layer'])} |",
         f"| **total** | **{g(b['total'])}** |", "",
@@ -296,10 +304,12 @@ def main(argv=None):
     ap.add_argument("--global_batch", type=int, default=PAPER_GLOBAL_BATCH, help="sequences per step")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
     ap.add_argument("--ep_capacity_factor", type=float, default=None)
+    ap.add_argument("--attn_chunk", type=int, default=0, help="ModelConfig.attn_chunk: query rows per attention "
+                    "chunk (0: the whole sequence at once)")
     ap.add_argument("--write", action="store_true", help="write experiments/results/plan_<config>_<N>.{json,md}")
     args = ap.parse_args(argv)
     r = plan(args.config, args.mesh, args.seq_len, args.micro_batch, args.global_batch, args.remat,
-             args.ep_capacity_factor)
+             args.ep_capacity_factor, args.attn_chunk)
     code = git_rev(dirty=False)
     machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                "platform": platform.platform(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
@@ -311,6 +321,7 @@ def main(argv=None):
     print(md)
     if args.write:
         suffix = "" if args.ep_capacity_factor is None else f"_cf{args.ep_capacity_factor:g}"
+        suffix += f"_chunk{args.attn_chunk}" if args.attn_chunk else ""
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            f"plan_{args.config}_{r['devices']}{suffix}")
         write_result_files(out, r, md)

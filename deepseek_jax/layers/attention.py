@@ -63,6 +63,34 @@ def _masked_softmax(scores_bhts, q_pos_bt, k_pos_bs):
     return jax.nn.softmax(scores, axis=-1)
 
 
+def _naive_core(q_nope, q_rope, k_nope, k_rope, v, q_pos_bt, k_pos_bs, scale, dt, chunk: int):
+    """softmax(mask(q_nope k_nope^T + q_rope k_rope^T) * scale) v -> [B, T, H, dv], fp32 scores.
+
+    chunk > 0 and T > chunk: the queries go through in chunks of ``chunk`` rows (``lax.map``; T padded up to a
+    multiple, padding rows dropped), each chunk under ``jax.checkpoint``, so the largest attention tensors alive in
+    the forward and the backward pass are [B, H, chunk, S] instead of [B, H, T, S] (every chunk still sees all S
+    keys: the same softmax, not an online one). Costs one extra score computation in the backward pass."""
+    f32 = jnp.float32
+
+    def core(qn, qr, qp):
+        scores = (jnp.einsum("bthn,bshn->bhts", qn, k_nope, preferred_element_type=f32)
+                  + jnp.einsum("bthd,bsd->bhts", qr, k_rope, preferred_element_type=f32)) * scale
+        p = _masked_softmax(scores, qp, k_pos_bs).astype(dt)
+        return jnp.einsum("bhts,bshv->bthv", p, v)
+
+    B, T = q_nope.shape[:2]
+    if not chunk or T <= chunk:
+        return core(q_nope, q_rope, q_pos_bt)
+    n = -(-T // chunk)
+
+    def split(a):  # [B, T, ...] -> [n, B, chunk, ...]; padding queries sit at position 0 (they see key 0 only)
+        a = jnp.pad(a, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (a.ndim - 2))
+        return a.reshape((B, n, chunk) + a.shape[2:]).swapaxes(0, 1)
+
+    o = jax.lax.map(lambda args: jax.checkpoint(core)(*args), (split(q_nope), split(q_rope), split(q_pos_bt)))
+    return o.swapaxes(0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :T]
+
+
 class MLA(nn.Module):
     cfg: ModelConfig
     dot_general: Optional[object] = None  # precision policy for the projections (FP8 hook)
@@ -123,10 +151,7 @@ class MLA(nn.Module):
         else:
             kv = linear(keys_c, w_kvb, cfg.dtype, self.dot_general).reshape(B, keys_c.shape[1], H, dn + dv)
             k_nope, v = kv[..., :dn], kv[..., dn:]
-            scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=f32)
-                      + jnp.einsum("bthd,bsd->bhts", q_rope, keys_r, preferred_element_type=f32)) * scale
-            p = _masked_softmax(scores, positions_bt, k_pos).astype(dt)
-            o = jnp.einsum("bhts,bshv->bthv", p, v)
+            o = _naive_core(q_nope, q_rope, k_nope, keys_r, v, positions_bt, k_pos, scale, dt, cfg.attn_chunk)
         out = dense(cfg.hidden_size, ("o_heads", "embed"), "o_proj")(o.reshape(B, T, H * dv))
         return out, new_cache
 

@@ -77,6 +77,27 @@ def test_absorbed_equals_naive(setup):
     np.testing.assert_allclose(np.asarray(absorbed), np.asarray(naive), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [4, 5])  # 12 queries: 3 whole chunks; 3 chunks with 3 padding rows
+def test_query_chunked_attention_same_values_and_gradients(setup, chunk):
+    """cfg.attn_chunk (queries in rematerialised chunks, for memory): the independent reference's values, and the
+    unchunked gradients w.r.t. the input and every parameter; also through a cache prefill."""
+    cfg, mla, params, x, pos = setup
+    chunked = attention.MLA(cfg.replace(attn_chunk=chunk))
+    out, _ = chunked.apply(params, x, pos)
+    np.testing.assert_allclose(np.asarray(out), _reference_mla(cfg, params, x, pos), rtol=1e-4, atol=1e-5)
+
+    def loss(m):
+        return lambda p, x: jnp.sum(jnp.tanh(m.apply(p, x, pos)[0]) * jnp.cos(jnp.arange(x.shape[-1])))
+    g_ref = jax.grad(loss(mla), argnums=(0, 1))(params, x)
+    g = jax.jit(jax.grad(loss(chunked), argnums=(0, 1)))(params, x)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree_util.tree_leaves(g_ref)):
+        a, b = np.asarray(a), np.asarray(b)  # per tensor, relative to its norm (fp32 reordering noise only)
+        assert np.linalg.norm(b) > 0 and np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), jax.tree_util.keystr(path)
+    cache = attention.init_layer_cache(cfg, 2, 16)
+    pre, _ = chunked.apply(params, x[:, :10], pos[:, :10], cache)  # naive path over the 16 cache slots
+    np.testing.assert_allclose(np.asarray(pre), np.asarray(out[:, :10]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("absorb", [True, False])
 def test_latent_cache_decoding_equals_full_attention(setup, absorb):
     cfg, mla, params, x, pos = setup
