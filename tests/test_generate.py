@@ -7,8 +7,6 @@ holds the Transformer-level cache test and a one-prompt greedy check.)
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp

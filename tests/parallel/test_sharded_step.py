@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import config
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.train.step import default_train_config, init_train_state, make_train_step
 
