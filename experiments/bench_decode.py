@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -42,7 +41,7 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attentio
 PROMPT_LEN = 16
 
 
-from deepseek_jax.metrics import git_rev, loadavg, write_result_files  # noqa: E402
+from deepseek_jax.metrics import bench_machine, git_rev, loadavg, machine_lines, write_result_files  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -79,7 +78,6 @@ def main(argv=None):
 
     from deepseek_jax import generate, hf, model
     from deepseek_jax.config import ModelConfig
-    from deepseek_jax.metrics import cpu_model
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -158,12 +156,8 @@ def main(argv=None):
     print()
     print(table)
     if args.write:
-        import jaxlib
-        machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                   "python": platform.python_version(), "load_before": load_before, "load_after": load_after,
-                   "jax": jax.__version__, "jaxlib": jaxlib.__version__, "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-                   "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+        machine = bench_machine(load_before, load_after, torch=torch.__version__,
+                                torch_threads=torch.get_num_threads(), transformers=transformers.__version__)
         rev = git_rev()
         out = {"command": cmd, "date": date, "git": rev, "machine": machine, "shape": SHAPE, "rows": rows,
                "rounds": args.rounds, "transformers_attn_implementation": attn_impl,
@@ -192,11 +186,7 @@ def main(argv=None):
             f"x 4 = {cfg.num_attention_heads} x ({cfg.qk_head_dim} + {cfg.v_head_dim}) x 4 = {per_layer_mha} "
             f"bytes per token per layer in fp32; ours holds (kv_lora_rank + qk_rope_head_dim) x 4 = "
             f"({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x 4 (DeepSeek-V3: 576 numbers vs 40,960)",
-            f"- machine: {machine['cpu']}, {machine['cores']} cores; load average before {load_before}, after "
-            f"{load_after}" + (" (shared machine: other jobs were running, timings are noisy)"
-                               if max(load_before[0], load_after[0]) > 1.0 else ""),
-            f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, python {machine['python']}, "
-            f"XLA_FLAGS={machine['XLA_FLAGS']!r}",
+            *machine_lines(machine),
             "",
             table,
             "",

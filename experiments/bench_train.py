@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -48,7 +47,7 @@ BATCH, SEQ = 8, 256
 TOKENS = BATCH * SEQ
 
 
-from deepseek_jax.metrics import cpu_model, git_rev, loadavg, write_result_files  # noqa: E402
+from deepseek_jax.metrics import bench_machine, git_rev, loadavg, machine_lines, time_calls, write_result_files  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -63,19 +62,9 @@ def matmul_peak(n=2048, reps=5):
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
+    ts = time_calls(lambda: f(a, b), reps)
     ta, tb = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(ta, tb)
-    tt = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(ta, tb)
-        tt.append(time.perf_counter() - t0)
+    tt = time_calls(lambda: torch.mm(ta, tb), reps)
     fl = 2 * n ** 3
     return {"n": n, "reps": reps, "jax_gflops": fl / statistics.median(ts) / 1e9,
             "jax_gflops_max": fl / min(ts) / 1e9, "torch_gflops": fl / statistics.median(tt) / 1e9,
@@ -177,13 +166,7 @@ def time_breakdown(cfg, tokens_np, reps):
 
     res = {}
     for name, f in (("forward", jax.jit(loss)), ("forward+backward", jax.jit(jax.value_and_grad(loss)))):
-        jax.block_until_ready(f(v["params"]))
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(v["params"]))
-            ts.append(time.perf_counter() - t0)
-        res[name] = round(statistics.median(ts) * 1e3, 1)
+        res[name] = round(statistics.median(time_calls(lambda: f(v["params"]), reps)) * 1e3, 1)
     return res
 
 
@@ -204,7 +187,6 @@ def main(argv=None):
     ap.add_argument("--write", action="store_true", help="write experiments/results/bench_train_cpu.{md,json}")
     args = ap.parse_args(argv)
 
-    import jax
     import torch
     import transformers
     torch.set_num_threads(args.threads)
@@ -307,12 +289,8 @@ def main(argv=None):
     print(roofline)
 
     if args.write:
-        import jaxlib
-        machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                   "python": platform.python_version(), "load_before": load_before, "load_after": load_after,
-                   "jax": jax.__version__, "jaxlib": jaxlib.__version__, "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-                   "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+        machine = bench_machine(load_before, load_after, torch=torch.__version__,
+                                torch_threads=torch.get_num_threads(), transformers=transformers.__version__)
         rev = git_rev()
         out = {"command": cmd, "date": date, "git": rev, "machine": machine, "shape": {**SHAPE, "batch": BATCH,
                "seq": SEQ, "tokens_per_step": TOKENS}, "peak": peak, "flops": fl_info,
@@ -332,12 +310,10 @@ def main(argv=None):
             f"transformers row), AdamW(betas (0.9, 0.95), "
             f"wd 0.1), clip_grad_norm_ 1.0, {torch.get_num_threads()} threads; params {hf_info['total_params']:,} "
             f"(ours {fl_info['total_params']:,})",
-            f"- machine: {machine['cpu']}, {machine['cores']} cores; load average before {load_before}, after "
-            f"{load_after}" + (" (busy before the run: another job was running, so timings are noisy)"
-                                if load_before[0] > 0.75 * (os.cpu_count() or 1) else
-                                " (quiet before the run; the benchmark's own threads raise the load while it runs)"),
-            f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, python {machine['python']}, "
-            f"XLA_FLAGS={machine['XLA_FLAGS']!r}",
+            *machine_lines(machine, note=(
+                " (busy before the run: another job was running, so timings are noisy)"
+                if load_before[0] > 0.75 * (os.cpu_count() or 1) else
+                " (quiet before the run; the benchmark's own threads raise the load while it runs)")),
             f"- timing: {args.warmup} warmup steps each after compile, then {args.steps} rounds, one step of every "
             f"contender per round back to back; median step time; the ratio is the median of per-round ratios; 'best / best' = "
             f"fastest transformers step / our fastest step (closest to an unloaded machine: torch's OpenMP threads "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deepseek_jax.kernels import fp8, fp8_pallas  # noqa: E402
+from deepseek_jax.metrics import time_calls  # noqa: E402
 from experiments.fp8_common import provenance, provenance_md, write_json, write_text  # noqa: E402
 
 M_BENCH = 4096
@@ -57,16 +57,7 @@ def operands(M, N, K, seed=0):
 
 
 def bench(fn, *args, iters=20):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    return float(np.median(time_calls(lambda: fn(*args), iters, warmup=4)))
 
 
 def main():

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -35,6 +34,7 @@ def step_costs(generate, cfg, variables, cache_len, reps=50):
     import jax.numpy as jnp
     import numpy as np
 
+    from deepseek_jax.metrics import time_calls
     from deepseek_jax.model import Transformer
 
     cache, mcache = generate.init_cache(cfg, 1, cache_len), generate.init_mtp_cache(cfg, 1, cache_len)
@@ -50,13 +50,7 @@ def step_costs(generate, cfg, variables, cache_len, reps=50):
             fns["mtp_T2"] = (jax.jit(lambda v, h, t, p, k: generate._mtp_apply(c, v, h, t, p, k, True)[0]),
                              (variables, h, tok, pos, mcache))
         for name, (f, a) in fns.items():
-            jax.block_until_ready(f(*a))
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*a))
-                ts.append(time.perf_counter() - t0)
-            out[name] = round(float(np.median(ts)) * 1e3, 3)
+            out[name] = round(float(np.median(time_calls(lambda: f(*a), reps))) * 1e3, 3)
         out[f"moe_dispatch_T{T}"] = c.moe_dispatch
     return out
 
@@ -71,11 +65,9 @@ def main(argv=None):
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
 
-    import jax
-
     from deepseek_jax import data as data_lib
     from deepseek_jax import generate
-    from deepseek_jax.metrics import cpu_model, loadavg, write_result_files
+    from deepseek_jax.metrics import bench_machine, loadavg, machine_lines, write_result_files
 
     load_before = loadavg()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -143,14 +135,10 @@ def main(argv=None):
     print(json.dumps(summary, indent=1))
 
     if args.write:
-        import jaxlib
         cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
         summ_path = os.path.join(args.run, "summary.json")
         run_summary = json.load(open(summ_path)) if os.path.exists(summ_path) else {}
-        machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                   "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                   "load_before": load_before, "load_after": load_after,
-                   "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+        machine = bench_machine(load_before, load_after)
         out = {"command": cmd, "date": date, "machine": machine, "run": os.path.abspath(args.run), "step": step,
                "run_code_version": run_summary.get("code_version"), "run_validation": run_summary.get("validation"),
                "model_config": cfg.to_dict(), "settings": vars(args), "compile_s": compile_s, "summary": summary,
@@ -172,11 +160,7 @@ def main(argv=None):
             "step (deepseek_jax/generate.py); outputs checked identical to plain greedy decoding for every prompt",
             f"- timing: compile excluded; per prompt, {args.rounds} rounds alternating plain and speculative, "
             "median; totals = all tokens / sum of per-prompt medians",
-            f"- machine: {machine['cpu']}, {machine['cores']} cores; load average before {load_before}, after "
-            f"{load_after}" + (" (shared machine: other jobs were running, timings are noisy)"
-                               if max(load_before[0], load_after[0]) > 1.0 else ""),
-            f"- jax {jax.__version__}, jaxlib {jaxlib.__version__}, python {machine['python']}, "
-            f"XLA_FLAGS={machine['XLA_FLAGS']!r}",
+            *machine_lines(machine),
             "",
             f"**Acceptance rate {acc:.3f}** ({sum(r['drafts_accepted'] for r in rows)} of "
             f"{sum(r['verify_steps'] for r in rows)} drafts); {tokens} tokens in "

@@ -338,17 +338,28 @@ def shard_train_step(model_cfg, train_cfg, mesh, donate: bool = True, ep_capacit
                      donate_argnums=(0,) if donate else ())
 
     def call(state, batch):
-        batch = dict(batch)
-        for k in ("tokens", "mask"):
-            if k in batch and not isinstance(batch[k], jax.Array):  # host values, the same on every process
-                v = np.asarray(batch[k])
-                batch[k] = put_global(v[None] if v.ndim == 2 else v, batch_sh[k])
-        return jitted(state, batch)
+        return jitted(state, _put_host_batch(batch, mesh))
 
     call.jitted = jitted
     call.state_shardings = state_sh
     call.batch_shardings = batch_sh
     return call
+
+
+def _put_host_batch(batch: Dict[str, Any], mesh) -> Dict[str, Any]:
+    """The steps' inputs: "tokens" / "mask" given as host values (the same on every process; [B, T(+1)] or
+    [n, b, T(+1)]) become global [n, b, ...] arrays split over the batch axes; jax.Arrays pass as they are."""
+    batch = dict(batch)
+    n_batch = batch_axes_size(axis_sizes(mesh))
+    for k in ("tokens", "mask"):
+        if k in batch and not isinstance(batch[k], jax.Array):
+            v = np.asarray(batch[k])
+            v = v[None] if v.ndim == 2 else v
+            if v.shape[1] % n_batch:
+                raise ValueError(f"batch[{k!r}]: batch size {v.shape[1]} is not divisible by the mesh's batch "
+                                 f"axes data*fsdp*expert = {n_batch}")
+            batch[k] = put_global(v, NamedSharding(mesh, batch_spec(3)))
+    return batch
 
 
 def shard_eval_step(model_cfg, mesh, ep_capacity_factor: Optional[float] = None):
@@ -360,23 +371,17 @@ def shard_eval_step(model_cfg, mesh, ep_capacity_factor: Optional[float] = None)
     n_batch = batch_axes_size(axis_sizes(mesh))
 
     def traced(params, router, batch):
+        b = batch["tokens"].shape[-2]
+        if b % n_batch:
+            raise ValueError(f"batch['tokens']: batch size {b} is not divisible by the mesh's batch axes "
+                             f"data*fsdp*expert = {n_batch}")
         with use_mesh(mesh, ep_capacity_factor):
             return step(params, router, batch)
 
     jitted = jax.jit(traced, out_shardings=NamedSharding(mesh, P()))
-    sharding = NamedSharding(mesh, batch_spec(3))
 
     def call(params, router, batch):
-        batch = dict(batch)
-        for k in ("tokens", "mask"):
-            if k in batch and not isinstance(batch[k], jax.Array):
-                v = np.asarray(batch[k])
-                v = v[None] if v.ndim == 2 else v
-                if v.shape[1] % n_batch:
-                    raise ValueError(f"batch[{k!r}]: batch size {v.shape[1]} is not divisible by the mesh's "
-                                     f"batch axes data*fsdp*expert = {n_batch}")
-                batch[k] = put_global(v, sharding)
-        return jitted(params, router, batch)
+        return jitted(params, router, _put_host_batch(batch, mesh))
 
     call.jitted = jitted
     return call
