@@ -1,7 +1,7 @@
 """Routed-expert FFN (DeepSeekMoE dispatch) on CPU: each dispatch's time over one dense matmul of equal FLOPs.
 
 For T tokens, hidden d, expert width F, E experts, top-K routing (fp32), times the jit-compiled routed FFN
-sum_k g_k * SwiGLU_{e_k}(x) (`deepseek_jax.layers.moe.routed_experts`) for every dispatch, forward only and
+sum_k g_k * SwiGLU_{e_k}(x) (`deepseek_jax.layers.moe_dispatch.routed_experts`) for every dispatch, forward only and
 forward+backward (grad wrt x and the three expert weight stacks), and divides by the time of ONE matmul
 
     jnp.dot([N*K, d], [d, 3F])      2 * N*K * d * 3F FLOPs == the routed FFN's 2 * N*K * d*F * 3 (gate, up, down)
@@ -17,8 +17,8 @@ Routers: `imbalanced` = top-K of sigmoid(N(0,1) logits + a per-expert N(0, bias_
 at the defaults, some experts nearly idle); `uniform` = token n takes experts (n*K + k) mod E, every expert gets
 exactly N*K/E rows. Each dispatch's output and grads are checked against `dense` (max |diff| / max |dense|).
 
-    python benchmarks/bench_moe_dispatch.py                 # print the table
-    python benchmarks/bench_moe_dispatch.py --write         # also write experiments/results/moe_dispatch_cpu.{md,json}
+    python -m benchmarks.bench_moe_dispatch                 # print the table
+    python -m benchmarks.bench_moe_dispatch --write         # also write experiments/results/moe_dispatch_cpu.{md,json}
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from deepseek_jax import config as ds_config  # noqa: E402
-from deepseek_jax.metrics import write_result_files  # noqa: E402
-from deepseek_jax.layers import moe  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from deepseek_jax import config as ds_config
+from deepseek_jax.metrics import write_result_files
+from deepseek_jax.layers import moe
+from deepseek_jax.ops import moe_dispatch
 
 SLOW = ("dense", "ragged")
 
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--bias-std", type=float, default=0.25, help="per-expert logit offset std (imbalanced case)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help="write the .md and .json results")
-    p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "moe_dispatch_cpu"),
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "moe_dispatch_cpu"),
                    help="results path without extension (with --write)")
     p.add_argument("--json", default=None, help="also write the JSON here")
     return p.parse_args(argv)
@@ -214,7 +214,7 @@ def main(argv=None):
         args = (x, idx, w, wg, wu, wd)
 
         def fwd_fn(name, tile):
-            return lambda x, i, w, g, u, dn: moe.routed_experts(x, i, w, g, u, dn, name, tile)
+            return lambda x, i, w, g, u, dn: moe_dispatch.routed_experts(x, i, w, g, u, dn, name, tile)
 
         def grad_fn(name, tile):
             f = fwd_fn(name, tile)
@@ -239,7 +239,7 @@ def main(argv=None):
             reps, warm = (a.slow_reps, 0) if slow else (a.reps, 2)
             row = {"case": case, "dispatch": name, "tile": tile or None, "load": load_info}
             if name == "sorted_tiles" and hasattr(moe, "_tile_layout"):
-                _, _, _, n_used = moe._tile_layout(idx, E, tile)
+                _, _, _, n_used = moe_dispatch._tile_layout(idx, E, tile)
                 row["rows_computed_over_routed"] = int(n_used) * tile / NK
             f, c_s = aot(fwd_fn(name, tile), *args)
             y, pairs = first_call(f, args, mm, (A, B), slow)

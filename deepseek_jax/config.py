@@ -58,12 +58,12 @@ FP8_ACCUMS = ("fp32", "limited")
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
     """Block-scaled FP8 GEMMs for the MLA projections, the dense/shared/routed expert FFNs (V3 §3.3; FP8.md;
-    kernels/fp8.py). Never the embedding, output head, router, norms or attention core.
+    ops/fp8.py). Never the embedding, output head, router, norms or attention core.
 
     fmt            GEMM input format: e4m3 (the paper, all three GEMMs) or e5m2
     pow2_scales    round every scale up to a power of two (the paper does so for re-tiled activations)
     backend        xla: dequantize-then-matmul reference (fast on CPU; what training uses there)
-                   pallas: the Pallas kernel (kernels/fp8_pallas.py; interpret mode on CPU, slow)
+                   pallas: the Pallas kernel (ops/fp8_pallas.py; interpret mode on CPU, slow)
     accum          fp32 (exact promotion every 128) | limited (pallas only: ``mantissa_bits``-bit partial sums,
                    promoted every ``promote_every`` elements of K, None = never)
     interpret      Pallas interpret mode; None = on CPU only
@@ -172,7 +172,7 @@ class ModelConfig:
     attention: str = "mla"  # mla (DeepSeek-V2/V3) | mha | gqa  (layers/attention.py: MLA or GQA)
     num_key_value_heads: Optional[int] = None  # gqa: KV heads (divides num_attention_heads); mha: None or H
 
-    # --- FP8 training (kernels/fp8.py); None = off; not part of the checkpoint ---
+    # --- FP8 training (ops/fp8.py); None = off; not part of the checkpoint ---
     fp8: Optional[Fp8Config] = None
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.kernels.fp8 import dot_general_for as fp8_dot_general
+from deepseek_jax.ops.fp8 import dot_general_for as fp8_dot_general
 from deepseek_jax.layers.attention import attention_class
 from deepseek_jax.layers.linear import Dense, dtype_of
 from deepseek_jax.layers.moe import MLP, MoE

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepseek_jax.kernels import fp8, fp8_pallas  # noqa: E402
+from deepseek_jax.ops import fp8, fp8_pallas  # noqa: E402
 from experiments.fp8_common import RESULTS, provenance, provenance_md, write_json, write_text  # noqa: E402
 
 KS = (1024, 2048, 4096, 8192, 16384)

@@ -16,16 +16,13 @@ Writes experiments/results/fp8/dgrad_outliers.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepseek_jax.kernels import fp8  # noqa: E402
+from deepseek_jax.ops import fp8  # noqa: E402
 from experiments.fp8_common import provenance, provenance_md, write_json, write_text  # noqa: E402
 
 M, N, K = 512, 1024, 512

@@ -6,7 +6,7 @@ allocating anything, and report what each device would hold and move.
 What is computed, and how (every number below is produced by this script):
   lowering     ``jax.jit(step).trace(abstract state, abstract batch).lower(lowering_platforms=("cuda",))`` with
                every input a ShapeDtypeStruct carrying a NamedSharding on a ``jax.sharding.AbstractMesh``: the
-               same ``make_train_step`` and ``parallel.mesh`` rules a run uses, with the expert-parallel shard_map
+               same ``make_train_step`` and ``sharding`` rules a run uses, with the expert-parallel shard_map
                and its all-to-alls. Nothing is allocated and no device is needed. The all-to-all ops and their
                per-device buffer shapes are read from the lowered StableHLO.
   parameters   per device: sum over variables of prod(NamedSharding.shard_shape) x itemsize (fp32 master weights
@@ -20,7 +20,7 @@ What is computed, and how (every number below is produced by this script):
                the sharded step holds it); plus the transient working set of one block's backward (its residuals with no
                remat), plus the expert-parallel all-to-all buffers of one MoE layer (send + receive, dispatch
                and combine).
-  FLOPs/token  model FLOPs, the convention of experiments/bench_train.py: 6 * N_act + 6 * L * T * H * (d_qk + d_v)
+  FLOPs/token  model FLOPs, the convention of benchmarks/bench_train.py: 6 * N_act + 6 * L * T * H * (d_qk + d_v)
                (full T x T scores, PaLM), with N_act = count_params(...)["activated"]; with the MTP module
                (V3 trains with it) its activated parameters (attention, shared + K routed experts, eh_proj, the
                shared output head again) and one more attention layer are added.
@@ -59,8 +59,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from deepseek_jax import config as config_lib
 from deepseek_jax import model as model_lib
 from deepseek_jax.metrics import cpu_model, git_rev, write_result_files
-from deepseek_jax.parallel import expert_parallel
-from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.ops import expert_parallel
+from deepseek_jax import sharding
+from deepseek_jax.parallel import step as sharded
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.step import TrainState, default_train_config, make_train_step
@@ -124,25 +125,25 @@ def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_bat
     cfg = config_lib.preset(preset, dtype="bfloat16", param_dtype="float32", moe_dispatch="ragged",
                             remat_policy=remat, attn_chunk=attn_chunk)
     tc = default_train_config(total_steps=100_000)
-    am = mesh_lib.abstract_mesh(mesh_spec)
-    sizes = mesh_lib.axis_sizes(am)
+    am = sharding.abstract_mesh(mesh_spec)
+    sizes = sharding.axis_sizes(am)
     n_dev = math.prod(sizes.values())
-    n_b = mesh_lib.batch_axes_size(sizes)
+    n_b = sharding.batch_axes_size(sizes)
     t0 = time.perf_counter()
 
-    specs = mesh_lib.state_specs(cfg, tc, sizes)
-    shapes = nn.meta.unbox(mesh_lib.abstract_boxed_variables(cfg))
+    specs = sharded.state_specs(cfg, tc, sizes)
+    shapes = nn.meta.unbox(sharded.abstract_boxed_variables(cfg))
     opt_shapes = jax.eval_shape(make_optimizer(tc.optim).init, shapes["params"])
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     state = TrainState(step=i32, params=shapes["params"], opt_state=opt_shapes, router=shapes["router"], skipped=i32)
-    shard = mesh_lib.to_shardings(specs, am)
+    shard = sharding.to_shardings(specs, am)
     state_in = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), state, shard)
     tokens = jax.ShapeDtypeStruct((1, micro_batch * n_b, seq_len + 1), jnp.int32,
-                                  sharding=NamedSharding(am, mesh_lib.batch_spec(3)))
+                                  sharding=NamedSharding(am, sharding.batch_spec(3)))
     step = make_train_step(cfg, tc)
 
     def traced(s, b):
-        with mesh_lib.use_mesh(am, ep_capacity_factor):
+        with sharding.use_mesh(am, ep_capacity_factor):
             return step(s, b)
 
     lowered = jax.jit(traced, out_shardings=(shard, NamedSharding(am, P()))).trace(

@@ -85,8 +85,8 @@ def test_cache_bytes_per_token_per_layer(dtype):
 
 
 def test_gather_dispatch_equals_dense():
-    """The decode-step MoE dispatch (moe.dispatch_gather) computes the same function as the dense reference."""
-    from deepseek_jax.layers import moe
+    """The decode-step MoE dispatch (moe_dispatch.dispatch_gather) computes the same function as the dense reference."""
+    from deepseek_jax.ops import moe_dispatch
 
     ks = jax.random.split(jax.random.PRNGKey(5), 5)
     N, K, E, d, F = 3, 2, 8, 16, 12
@@ -95,8 +95,8 @@ def test_gather_dispatch_equals_dense():
     w = jax.random.uniform(ks[2], (N, K))
     wg, wu = jax.random.normal(ks[3], (2, E, d, F)) * 0.3
     wd = jax.random.normal(ks[4], (E, F, d)) * 0.3
-    ref = jax.jit(moe.dispatch_dense)(x, idx, w, wg, wu, wd)
-    np.testing.assert_allclose(np.asarray(jax.jit(moe.dispatch_gather)(x, idx, w, wg, wu, wd)), np.asarray(ref),
+    ref = jax.jit(moe_dispatch.dispatch_dense)(x, idx, w, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(jax.jit(moe_dispatch.dispatch_gather)(x, idx, w, wg, wu, wd)), np.asarray(ref),
                                rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(ref)).max() > 0.1
 

@@ -1,8 +1,8 @@
 """The one Dense layer used everywhere. Its ``dot_general`` is the precision-policy hook: BF16/FP32 today, the
-block-scaled FP8 GEMM (kernels/fp8.py) for the layers the paper runs in FP8.
+block-scaled FP8 GEMM (ops/fp8.py) for the layers the paper runs in FP8.
 
 Kernels are stored [in, out] (Hugging Face stores [out, in]; hf.py transposes) with logical axis names, so one
-rules table (parallel/mesh.py) decides how every weight is sharded.
+rules table (sharding.py) decides how every weight is sharded.
 """
 
 from __future__ import annotations

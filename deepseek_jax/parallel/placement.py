@@ -13,7 +13,7 @@ Algorithm (greedy, two steps, like DeepSeek's EPLB):
   2. pack: copies in decreasing per-copy load, each onto the least-loaded device that still has a free slot and
      does not hold that expert yet (longest-processing-time first with slot limits).
 The baseline is the expert-parallel layout without replicas: expert e on device e // (E / G)
-(``parallel/expert_parallel.py``).
+(``ops/expert_parallel.py``).
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@
   train                            deepseek_jax.train.step.default_train_config(...) (recipe, schedules)
   loop.*                           out_dir, ckpt_every, keep, eval_every, eval_batches, log_every, seed,
                                    overwrite, sample_prompt, sample_tokens, grad_accum,
-                                   mesh (optional: "" = one device; "data=2,expert=4" ... = parallel/mesh.py),
+                                   mesh (optional: "" = one device; "data=2,expert=4" ... = sharding.py),
                                    ep_capacity_factor (optional: None = dropless expert-parallel buffers)
 
 Parallel runs (``loop.mesh``): the state is initialised sharded (each device materialises only its shards),
-the step is ``parallel.mesh.shard_train_step`` (NamedSharding in/out, shard_map + all-to-all for the experts),
+the step is ``parallel.step.shard_train_step`` (NamedSharding in/out, shard_map + all-to-all for the experts),
 validation runs on the same mesh, and orbax writes and restores the sharded state. Every process of a
 multi-process job (``jax.distributed.initialize()`` before ``run``; experiments/run.py does it with
 ``--distributed``) reads the same deterministic data and keeps only its shards of each batch; only process 0
@@ -143,15 +143,16 @@ def _parallel(cfg, plan):
     spec = cfg.loop.get("mesh", "") or ""
     if not spec:
         return None, None
-    from deepseek_jax.parallel import mesh as mesh_lib
+    from deepseek_jax import sharding
+    from deepseek_jax.parallel import step as sharded
     try:
-        n_dev = math.prod(mesh_lib.mesh_shape(spec).values())
+        n_dev = math.prod(sharding.mesh_shape(spec).values())
         # one process may use the first n of its devices; a multi-process mesh spans every device of the job
         devices = jax.devices()[:n_dev] if jax.process_count() == 1 else None
-        mesh = mesh_lib.make_mesh(spec, devices)
+        mesh = sharding.make_mesh(spec, devices)
     except ValueError as e:
         raise RunError(f"loop.mesh={spec!r}: {e}") from None
-    n = mesh_lib.batch_axes_size(mesh_lib.axis_sizes(mesh))
+    n = sharding.batch_axes_size(sharding.axis_sizes(mesh))
     if plan.micro % n or cfg.data.batch_size % n:
         raise RunError(f"loop.mesh={spec!r} splits every batch over data*fsdp*expert = {n} devices, but the "
                        f"micro-batch (data.batch_size / loop.grad_accum = {plan.micro}) or the validation batch "
@@ -287,10 +288,11 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
         train_step = jax.jit(make_train_step(mcfg, tc), donate_argnums=0)
         eval_step = jax.jit(make_eval_step(mcfg))
     else:
-        from deepseek_jax.parallel import mesh as mesh_lib
-        state = mesh_lib.init_sharded_state(mcfg, tc, mesh, jax.random.PRNGKey(cfg.loop.seed), cfg.data.seq_len)
-        train_step = mesh_lib.shard_train_step(mcfg, tc, mesh, ep_capacity_factor=ep_cf)
-        eval_step = mesh_lib.shard_eval_step(mcfg, mesh, ep_capacity_factor=ep_cf)
+        from deepseek_jax import sharding
+        from deepseek_jax.parallel import step as sharded
+        state = sharded.init_sharded_state(mcfg, tc, mesh, jax.random.PRNGKey(cfg.loop.seed), cfg.data.seq_len)
+        train_step = sharded.shard_train_step(mcfg, tc, mesh, ep_capacity_factor=ep_cf)
+        eval_step = sharded.shard_eval_step(mcfg, mesh, ep_capacity_factor=ep_cf)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep)
     meta_base = {"config": _comparable(cfg), "model_config": mcfg.to_dict(), "corpus_fingerprint": fp,
                  "corpus": {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),

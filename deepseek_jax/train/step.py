@@ -293,7 +293,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
                 for k in range(out.aux["mtp"]["load"].shape[0]):
                     terms.append(balance_terms(out.aux["mtp"]["seq_counts"][k:k + 1],
                                                out.aux["mtp"]["seq_probs"][k:k + 1], T - k - 1))
-            for src in ("moe", "mtp"):  # expert-parallel runs only (parallel/expert_parallel.py): rows dropped
+            for src in ("moe", "mtp"):  # expert-parallel runs only (ops/expert_parallel.py): rows dropped
                 if "ep_dropped" in out.aux.get(src, {}):
                     aux["ep_dropped"] = aux.get("ep_dropped", 0) + out.aux[src]["ep_dropped"].sum()
             if alpha > 0 and terms:

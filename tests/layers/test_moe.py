@@ -7,6 +7,7 @@ import pytest
 
 from deepseek_jax import config
 from deepseek_jax.layers import moe
+from deepseek_jax.ops import moe_dispatch
 
 
 def route_reference(scores, bias, cfg):
@@ -114,11 +115,11 @@ def _loop_reference(x, idx, w, wg, wu, wd):
 def test_dispatch_values_and_gradients_equal_dense(dispatch, tile):
     x, idx, w, (wg, wu, wd) = _problem()
     ref = _loop_reference(x, idx, w, wg, wu, wd)
-    out = moe.routed_experts(x, idx, w, wg, wu, wd, dispatch, tile)
+    out = moe_dispatch.routed_experts(x, idx, w, wg, wu, wd, dispatch, tile)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
 
     def loss(fn_dispatch, x, w, wg, wu, wd):
-        y = moe.routed_experts(x, idx, w, wg, wu, wd, fn_dispatch, tile)
+        y = moe_dispatch.routed_experts(x, idx, w, wg, wu, wd, fn_dispatch, tile)
         return jnp.sum(jnp.sin(y))
 
     g = jax.grad(loss, argnums=(1, 2, 3, 4, 5))(dispatch, x, w, wg, wu, wd)
@@ -130,14 +131,14 @@ def test_dispatch_values_and_gradients_equal_dense(dispatch, tile):
 def test_dispatch_under_jit_all_tokens_one_expert():
     x, _, w, (wg, wu, wd) = _problem(N=40, K=2, skew=False)
     idx = jnp.tile(jnp.array([[3, 5]], jnp.int32), (40, 1))  # worst case for a capacity-based router
-    ref = moe.routed_experts(x, idx, w, wg, wu, wd, "dense")
+    ref = moe_dispatch.routed_experts(x, idx, w, wg, wu, wd, "dense")
     for dispatch in ("ragged", "sorted_tiles"):
-        out = jax.jit(moe.routed_experts, static_argnums=(6, 7))(x, idx, w, wg, wu, wd, dispatch, 8)
+        out = jax.jit(moe_dispatch.routed_experts, static_argnums=(6, 7))(x, idx, w, wg, wu, wd, dispatch, 8)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_dispatch_resolves_per_backend():
-    assert moe.resolve_dispatch("auto") == ("sorted_tiles" if jax.default_backend() == "cpu" else "ragged")
+    assert moe_dispatch.resolve_dispatch("auto") == ("sorted_tiles" if jax.default_backend() == "cpu" else "ragged")
 
 
 def test_moe_module_aux_statistics():

@@ -25,13 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parallel_common import CFG, make_tokens  # noqa: E402
 from test_sharded_step import _state, _train_cfg  # noqa: E402
 
-from deepseek_jax.parallel import mesh as mesh_lib  # noqa: E402
+from deepseek_jax import sharding
+from deepseek_jax.parallel import step as sharded
 
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 tc = _train_cfg()
-mesh = mesh_lib.make_mesh(mesh_spec)
-state = mesh_lib.shard_state(_state(CFG, tc), CFG, tc, mesh)
-step = mesh_lib.shard_train_step(CFG, tc, mesh)
+mesh = sharding.make_mesh(mesh_spec)
+state = sharded.shard_state(_state(CFG, tc), CFG, tc, mesh)
+step = sharded.shard_train_step(CFG, tc, mesh)
 new, metrics = step(state, {"tokens": make_tokens(CFG, n_micro=2, b=8)})
 gathered = multihost_utils.process_allgather({"params": new.params, "router": new.router}, tiled=True)
 metrics = jax.device_get(metrics)

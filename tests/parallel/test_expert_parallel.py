@@ -1,4 +1,4 @@
-"""The expert-parallel dispatch on its own (deepseek_jax/parallel/expert_parallel.py), against a numpy loop over
+"""The expert-parallel dispatch on its own (deepseek_jax/ops/expert_parallel.py), against a numpy loop over
 (token, k): values, gradients, and which rows a capacity-limited buffer drops."""
 
 import jax
@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.layers.moe import dispatch_dense
-from deepseek_jax.parallel import expert_parallel
-from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.ops.moe_dispatch import dispatch_dense
+from deepseek_jax.ops import expert_parallel
+from deepseek_jax import sharding
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets them)")
 
@@ -50,7 +50,7 @@ def _numpy_reference(x, idx, w, wg, wu, wd, n_chunks, n_ep, cap):
 
 def _run(mesh, args, capacity_factor=None):
     def f(*a):
-        with mesh_lib.use_mesh(mesh):
+        with sharding.use_mesh(mesh):
             return expert_parallel.routed_experts(*a, dispatch="dense", capacity_factor=capacity_factor)
     return jax.jit(f)(*args)
 
@@ -59,8 +59,8 @@ def _run(mesh, args, capacity_factor=None):
                          ids=["data2xexpert4", "fsdp2xexpert2xtensor2"])
 def test_dropless_values_and_gradients(spec):
     args = _problem()
-    mesh = mesh_lib.make_mesh(spec)
-    n_ep, n_chunks = spec.get("expert", 1), mesh_lib.batch_axes_size(mesh_lib.mesh_shape(spec))
+    mesh = sharding.make_mesh(spec)
+    n_ep, n_chunks = spec.get("expert", 1), sharding.batch_axes_size(sharding.mesh_shape(spec))
     y, dropped = _run(mesh, args)
     want, want_dropped = _numpy_reference(*args, n_chunks, n_ep, cap=N * K)
     assert int(dropped) == want_dropped == 0
@@ -69,7 +69,7 @@ def test_dropless_values_and_gradients(spec):
     r = np.random.RandomState(1).normal(size=(N, D)).astype(np.float32)
 
     def loss_ep(x, w, wg, wu, wd):
-        with mesh_lib.use_mesh(mesh):
+        with sharding.use_mesh(mesh):
             y, _ = expert_parallel.routed_experts(x, args[1], w, wg, wu, wd, dispatch="dense")
         return jnp.sum(y * r)
 
@@ -88,7 +88,7 @@ def test_dropless_values_and_gradients(spec):
 def test_capacity_drops_the_rows_over_capacity_and_reports_them():
     args = _problem()
     spec = {"data": 2, "expert": 4}
-    mesh = mesh_lib.make_mesh(spec)
+    mesh = sharding.make_mesh(spec)
     n_local = N // 8
     cap = expert_parallel.capacity(n_local, K, 4, 1.0)  # ceil(4 * 2 / 4) = 2 rows per peer
     assert cap == 2
@@ -102,7 +102,7 @@ def test_no_mesh_and_bad_shapes_raise():
     x, idx, w, wg, wu, wd = _problem()
     with pytest.raises(ValueError, match="needs an active mesh"):
         expert_parallel.routed_experts(x, idx, w, wg, wu, wd)
-    mesh = mesh_lib.make_mesh({"data": 2, "expert": 4})
+    mesh = sharding.make_mesh({"data": 2, "expert": 4})
     with pytest.raises(ValueError, match="not divisible by the mesh's expert axis"):
         expert_parallel.routed_experts(x, idx, w, wg[:6], wu[:6], wd[:6], mesh=mesh)
     with pytest.raises(ValueError, match="capacity_factor must be positive"):

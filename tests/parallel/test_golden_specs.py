@@ -13,7 +13,8 @@ import os
 import pytest
 
 from deepseek_jax import config
-from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax import sharding
+from deepseek_jax.parallel import step as sharded
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "golden", "partition_specs_deepseek-v3-671b.json")
 MESHES = {
@@ -27,7 +28,7 @@ MESHES = {
 @pytest.fixture(scope="module")
 def tables():
     cfg = config.preset("deepseek-v3-671b")
-    return {name: mesh_lib.spec_table(cfg, spec) for name, spec in MESHES.items()}
+    return {name: sharded.spec_table(cfg, spec) for name, spec in MESHES.items()}
 
 
 def test_golden_partition_specs(tables):
@@ -72,14 +73,14 @@ def test_specs_follow_the_rules(tables):
 
 def test_bad_logical_axis_and_mesh_raise():
     with pytest.raises(ValueError, match="no rule"):
-        mesh_lib.logical_to_spec(("embed", "heads_typo"), (8, 8), {"tensor": 2})
+        sharding.logical_to_spec(("embed", "heads_typo"), (8, 8), {"tensor": 2})
     with pytest.raises(ValueError, match="unknown axis"):
-        mesh_lib.mesh_shape({"data": 2, "model": 4})
+        sharding.mesh_shape({"data": 2, "model": 4})
     with pytest.raises(ValueError, match="mesh.expert"):
-        mesh_lib.mesh_shape("data=2,expert=0")
+        sharding.mesh_shape("data=2,expert=0")
     with pytest.raises(ValueError, match="needs 16 devices"):
-        mesh_lib.make_mesh({"data": 16}, devices=[object()] * 8)
+        sharding.make_mesh({"data": 16}, devices=[object()] * 8)
     # not divisible -> unsharded; a mesh axis is used once per array
-    assert mesh_lib.logical_to_spec(("vocab", "embed"), (7, 8), {"tensor": 2, "fsdp": 2}) == \
-        mesh_lib.P(None, "fsdp")
-    assert mesh_lib.logical_to_spec(("mlp", "moe_mlp"), (8, 8), {"tensor": 2}) == mesh_lib.P("tensor")
+    assert sharding.logical_to_spec(("vocab", "embed"), (7, 8), {"tensor": 2, "fsdp": 2}) == \
+        sharding.P(None, "fsdp")
+    assert sharding.logical_to_spec(("mlp", "moe_mlp"), (8, 8), {"tensor": 2}) == sharding.P("tensor")

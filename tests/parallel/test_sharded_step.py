@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax import sharding
+from deepseek_jax.parallel import step as sharded
 from deepseek_jax.train.step import default_train_config, init_train_state, make_train_step
 
 from parallel_common import CFG, SEQ, make_tokens, make_variables
@@ -86,13 +87,13 @@ def test_sharded_step_equals_single_device(reference, spec, dispatch):
     state0, want, want_m, tokens = reference
     cfg = CFG.replace(moe_dispatch=dispatch)
     tc = _train_cfg()
-    mesh = mesh_lib.make_mesh(spec)
-    state = mesh_lib.shard_state(_state(cfg, tc), cfg, tc, mesh)
-    step = mesh_lib.shard_train_step(cfg, tc, mesh)
+    mesh = sharding.make_mesh(spec)
+    state = sharded.shard_state(_state(cfg, tc), cfg, tc, mesh)
+    step = sharded.shard_train_step(cfg, tc, mesh)
     new, m = step(state, {"tokens": tokens})
 
     # the state really is laid out by the rules
-    specs = mesh_lib.state_specs(cfg, tc, mesh_lib.axis_sizes(mesh))
+    specs = sharded.state_specs(cfg, tc, sharding.axis_sizes(mesh))
     got_specs = jax.tree_util.tree_map(lambda x: x.sharding.spec, new.params)
     assert jax.tree_util.tree_leaves(got_specs, is_leaf=lambda x: isinstance(x, P)) == \
         jax.tree_util.tree_leaves(specs.params, is_leaf=lambda x: isinstance(x, P))
@@ -120,8 +121,8 @@ def test_sharded_step_equals_single_device(reference, spec, dispatch):
 
 def test_batch_not_divisible_raises():
     tc = _train_cfg()
-    mesh = mesh_lib.make_mesh({"data": 8})
-    step = mesh_lib.shard_train_step(CFG, tc, mesh)
+    mesh = sharding.make_mesh({"data": 8})
+    step = sharded.shard_train_step(CFG, tc, mesh)
     state = jax.eval_shape(lambda: _state(CFG, tc))
     with pytest.raises(ValueError, match="not divisible by the mesh's batch axes"):
         step.jitted.lower(state, {"tokens": jax.ShapeDtypeStruct((1, 4, SEQ + 1), jnp.int32)})
@@ -129,9 +130,9 @@ def test_batch_not_divisible_raises():
 
 def test_init_sharded_state_lays_out_by_the_rules():
     tc = _train_cfg()
-    mesh = mesh_lib.make_mesh({"fsdp": 2, "expert": 4})
-    state = mesh_lib.init_sharded_state(CFG, tc, mesh, jax.random.PRNGKey(0), seq_len=SEQ)
-    specs = mesh_lib.state_specs(CFG, tc, mesh_lib.axis_sizes(mesh))
+    mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
+    state = sharded.init_sharded_state(CFG, tc, mesh, jax.random.PRNGKey(0), seq_len=SEQ)
+    specs = sharded.state_specs(CFG, tc, sharding.axis_sizes(mesh))
     got = jax.tree_util.tree_map(lambda x: x.sharding.spec, (state.params, state.router))
     want = (specs.params, specs.router)
     is_p = lambda x: isinstance(x, P)
@@ -150,9 +151,9 @@ def test_fp8_under_expert_parallelism(reference):
     cfg = CFG.replace(moe_dispatch="sorted_tiles", fp8=True)
     tc = _train_cfg()
     _, single_m = jax.jit(make_train_step(cfg, tc))(_state(cfg, tc), {"tokens": tokens})
-    mesh = mesh_lib.make_mesh({"data": 2, "expert": 4})
-    step = mesh_lib.shard_train_step(cfg, tc, mesh)
-    _, m = step(mesh_lib.shard_state(_state(cfg, tc), cfg, tc, mesh), {"tokens": tokens})
+    mesh = sharding.make_mesh({"data": 2, "expert": 4})
+    step = sharded.shard_train_step(cfg, tc, mesh)
+    _, m = step(sharded.shard_state(_state(cfg, tc), cfg, tc, mesh), {"tokens": tokens})
     m, single_m = jax.device_get((m, single_m))
     assert float(m["ep_dropped"]) == 0.0
     # at initialisation the loss is ~ln(V) whatever the weights, so FP8 moves it by only ~1e-5 relative: compare

@@ -1,7 +1,7 @@
 """Expert parallelism (V3 §3.1-3.2: EP 64): routed rows travel to the devices holding their experts by all-to-all
 and come back the same way, under ``shard_map`` over the mesh.
 
-Layout (parallel/mesh.py): tokens are split over the batch axes ("data", "fsdp", "expert"), routed experts over
+Layout (sharding.py): tokens are split over the batch axes ("data", "fsdp", "expert"), routed experts over
 "expert" (E / P_ep experts per device, expert e on expert-rank e // (E / P_ep)), each expert's FFN width over
 "tensor". Inside the shard_map every device holds n local tokens with their top-K routes:
 
@@ -9,7 +9,7 @@ Layout (parallel/mesh.py): tokens are split over the batch axes ("data", "fsdp",
                 position = its rank among this device's rows for that destination (stable: token order).
   2. all-to-all over "expert" (``jax.lax.all_to_all``, static buffer [P_ep, C, d]).
   3. compute    the received rows through their local expert with the single-device dispatch of
-                ``layers/moe.py`` (``moe_dispatch``: sorted_tiles / ragged / dense), gate weight 1; with a
+                ``ops/moe_dispatch.py`` (``moe_dispatch``: sorted_tiles / ragged / dense), gate weight 1; with a
                 tensor axis each rank computes its slice of the FFN width and the partial outputs are summed
                 (psum over "tensor").
   4. all-to-all back, un-permute, combine sum_k g_k y_k in fp32 on the token's own device (same order of
@@ -38,32 +38,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.parallel import mesh as mesh_lib
-
-try:  # jax >= 0.7
-    from jax import shard_map as _shard_map
-    _CHECK_KW = "check_vma"
-except ImportError:  # older jax
-    from jax.experimental.shard_map import shard_map as _shard_map
-    _CHECK_KW = "check_rep"
-
-
-def shard_map(f, mesh, in_specs, out_specs):
-    """``jax.shard_map`` (jax >= 0.7) or ``jax.experimental.shard_map.shard_map``, with the varying-axes
-    (replication) check off: the local dispatches of layers/moe.py carry loop state created with jnp.zeros
-    (mesh-invariant) through fori_loops whose bodies make it device-varying, which the check rejects, and
-    layers/ must not know mesh axes to annotate it. Without the check, autodiff stays correct: the transpose sums
-    the cotangent of an input over the mesh axes its spec does not mention (a weight replicated over "data" gets
-    its gradient summed over "data") after dividing replicated outputs' cotangents by those axes' sizes; the
-    sharded-vs-single-device tests (tests/parallel) hold the gradients to 1e-5."""
-    return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KW: False})
-
+from deepseek_jax import sharding
+from deepseek_jax.ops import moe_dispatch
 
 def active_mesh():
-    """The active mesh (``parallel.mesh.use_mesh``) when it has an "expert" axis of size > 1, else None: the MoE
+    """The active mesh (``sharding.use_mesh``) when it has an "expert" axis of size > 1, else None: the MoE
     layer then takes this path instead of the single-device dispatch."""
-    m = mesh_lib.active_mesh()
-    if m is None or mesh_lib.axis_sizes(m).get("expert", 1) <= 1:
+    m = sharding.active_mesh()
+    if m is None or sharding.axis_sizes(m).get("expert", 1) <= 1:
         return None
     return m
 
@@ -81,8 +63,7 @@ def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, te
                 linear_fn=None):
     """Per-device body of the shard_map. x_nd [n, d] local tokens, idx_nk/w_nk [n, K] their routes, wg/wu [E_loc,
     d, F_loc], wd [E_loc, F_loc, d] this device's experts. Returns (y_nd fp32 [n, d], dropped [] int32, global).
-    ``linear_fn`` (the FP8 policy's linear, kernels/fp8.py) runs the received rows' expert GEMMs in FP8."""
-    from deepseek_jax.layers.moe import dispatch_fp8_tiles, routed_experts  # local: moe.py imports this lazily
+    ``linear_fn`` (the FP8 policy's linear, ops/fp8.py) runs the received rows' expert GEMMs in FP8."""
 
     n, K = idx_nk.shape
     d = x_nd.shape[1]
@@ -105,9 +86,9 @@ def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, te
     valid = recv_e >= 0
     local_idx, local_w = jnp.where(valid, recv_e, 0)[:, None], valid[:, None].astype(jnp.float32)
     if linear_fn is not None:  # FP8: per-row 1x128 activation tiles, per-expert 128x128 weight blocks
-        y_sd = dispatch_fp8_tiles(recv_x, local_idx, local_w, wg, wu, wd, tile, linear_fn)
+        y_sd = moe_dispatch.dispatch_fp8_tiles(recv_x, local_idx, local_w, wg, wu, wd, tile, linear_fn)
     else:
-        y_sd = routed_experts(recv_x, local_idx, local_w, wg, wu, wd, dispatch, tile)
+        y_sd = moe_dispatch.routed_experts(recv_x, local_idx, local_w, wg, wu, wd, dispatch, tile)
     # y_sd: fp32 [n_slots, d]; empty slots give 0
     if tensor_size > 1:
         y_sd = jax.lax.psum(y_sd, "tensor")                     # partial sums over the FFN-width slices
@@ -126,33 +107,33 @@ def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile:
     """sum_k g_k * FFN_{e_k}(x_n) for every token with the experts spread over the mesh's "expert" axis.
 
     x_nd [N, d] (N = B*T, split over the batch axes), idx_nk / w_nk [N, K], wg / wu [E, d, F], wd [E, F, d].
-    ``mesh`` defaults to the active one (``parallel.mesh.use_mesh``, entered by ``shard_train_step``).
+    ``mesh`` defaults to the active one (``sharding.use_mesh``, entered by ``shard_train_step``).
     ``linear_fn``: the FP8 policy's linear (``ModelConfig.fp8``); the local expert GEMMs then go through FP8 with
-    the single-device tilings (moe.dispatch_fp8_tiles). The forward quantizes exactly as on one device (activation
+    the single-device tilings (moe_dispatch.dispatch_fp8_tiles). The forward quantizes exactly as on one device (activation
     tiles are per row, weight blocks per expert); the Wgrad's 128x1 token tiles group the rows a device received.
     Returns (y [N, d] fp32, dropped: routed rows dropped over the whole batch, int32 scalar; 0 when dropless)."""
-    mesh = mesh or mesh_lib.active_mesh()
+    mesh = mesh or sharding.active_mesh()
     if capacity_factor is None:
-        capacity_factor = mesh_lib.active_ep_capacity_factor()
+        capacity_factor = sharding.active_ep_capacity_factor()
     if mesh is None:
         raise ValueError("the expert-parallel dispatch needs an active mesh: run the step through "
-                         "parallel.mesh.shard_train_step, or trace inside parallel.mesh.use_mesh(mesh)")
-    sizes = mesh_lib.axis_sizes(mesh)
+                         "parallel.step.shard_train_step, or trace inside sharding.use_mesh(mesh)")
+    sizes = sharding.axis_sizes(mesh)
     n_ep, n_tp = sizes["expert"], sizes["tensor"]
     E, N, K = wg.shape[0], x_nd.shape[0], idx_nk.shape[1]
     if E % n_ep:
         raise ValueError(f"n_routed_experts={E} is not divisible by the mesh's expert axis ({n_ep})")
-    n_b = mesh_lib.batch_axes_size(sizes)
+    n_b = sharding.batch_axes_size(sizes)
     if N % n_b:
         raise ValueError(f"MoE input: {N} tokens are not divisible by the mesh's batch axes data*fsdp*expert = "
                          f"{n_b}")
     cap = capacity(N // n_b, K, n_ep, capacity_factor)
-    rows = P(mesh_lib.BATCH_AXES)
-    w_in = mesh_lib.logical_to_spec(("expert", None, "moe_mlp"), wg.shape, sizes)
-    w_out = mesh_lib.logical_to_spec(("expert", "moe_mlp", None), wd.shape, sizes)
+    rows = P(sharding.BATCH_AXES)
+    w_in = sharding.logical_to_spec(("expert", None, "moe_mlp"), wg.shape, sizes)
+    w_out = sharding.logical_to_spec(("expert", "moe_mlp", None), wd.shape, sizes)
     tensor_split = n_tp > 1 and "tensor" in tuple(w_in)
     body = functools.partial(_local_step, n_ep=n_ep, cap=cap, dispatch=dispatch, tile=tile,
-                             tensor_size=n_tp if tensor_split else 1, all_axes=mesh_lib.BATCH_AXES,
+                             tensor_size=n_tp if tensor_split else 1, all_axes=sharding.BATCH_AXES,
                              linear_fn=linear_fn)
-    f = shard_map(body, mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, P()))
+    f = sharding.shard_map(body, mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, P()))
     return f(x_nd, idx_nk, w_nk, wg, wu, wd)

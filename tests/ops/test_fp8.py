@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import Fp8Config
-from deepseek_jax.kernels import fp8, fp8_pallas
+from deepseek_jax.ops import fp8, fp8_pallas
 
 E4M3 = ml_dtypes.float8_e4m3fn
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# numpy reference of the recipe (written from FP8.md, sharing no code with kernels/fp8.py)
+# numpy reference of the recipe (written from FP8.md, sharing no code with ops/fp8.py)
 # ---------------------------------------------------------------------------------------------------------------
 def np_quantize(x, br, bc, fmax=448.0, dtype=E4M3, pow2=False):
     x = np.asarray(x, np.float32)

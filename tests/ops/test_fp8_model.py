@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import config
-from deepseek_jax.kernels import fp8
-from deepseek_jax.layers import moe
+from deepseek_jax.ops import fp8
+from deepseek_jax.ops import moe_dispatch
 from deepseek_jax.model import Transformer
 from deepseek_jax.train import default_train_config, init_train_state, make_train_step
 
@@ -68,7 +68,7 @@ def test_fp8_routed_experts_equal_per_token_fp8_loop():
     idx = jnp.asarray(np.stack([r.choice(E, K, replace=False) for _ in range(N)]), jnp.int32)
     w = jnp.asarray(r.uniform(size=(N, K)), jnp.float32)
     lin = fp8.Fp8DotGeneral(config.Fp8Config()).linear_fn
-    got = moe.dispatch_fp8_tiles(x, idx, w, wg, wu, wd, 8, lin)
+    got = moe_dispatch.dispatch_fp8_tiles(x, idx, w, wg, wu, wd, 8, lin)
 
     @jax.jit
     def per_row(x, idx, w):  # every (token, slot) alone: [1, d] rows, its expert's weights
@@ -81,8 +81,8 @@ def test_fp8_routed_experts_equal_per_token_fp8_loop():
 
     want = np.asarray(per_row(x, idx, w))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
-    g = jax.grad(lambda wg: moe.dispatch_fp8_tiles(x, idx, w, wg, wu, wd, 8, lin).sum())(wg)
-    g32 = jax.grad(lambda wg: moe.dispatch_dense(x, idx, w, wg, wu, wd).sum())(wg)
+    g = jax.grad(lambda wg: moe_dispatch.dispatch_fp8_tiles(x, idx, w, wg, wu, wd, 8, lin).sum())(wg)
+    g32 = jax.grad(lambda wg: moe_dispatch.dispatch_dense(x, idx, w, wg, wu, wd).sum())(wg)
     assert np.linalg.norm(g - g32) / np.linalg.norm(g32) < 0.1  # FP8 gradient, a few percent off FP32
 
 

@@ -17,8 +17,8 @@ Also reported: the cache bytes per token per layer of each, measured from the ca
 of generate.init_cache; transformers: the DynamicCache returned by generate), and how many greedy tokens the
 two agree on (fp32 differences can flip a near-tie argmax, after which the sequences part).
 
-    python experiments/bench_decode.py                       # print the table
-    python experiments/bench_decode.py --write               # also write experiments/results/decode_cpu.{md,json}
+    python -m benchmarks.bench_decode                       # print the table
+    python -m benchmarks.bench_decode --write               # also write experiments/results/decode_cpu.{md,json}
 """
 
 from __future__ import annotations

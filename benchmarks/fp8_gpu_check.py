@@ -1,11 +1,11 @@
 """Compile the FP8 Pallas kernel on a GPU, check it against interpret mode, and benchmark it (issue 5).
 
-    python experiments/fp8_gpu_check.py [--backends triton,mosaic_gpu] [--iters 20] [--skip-bench]
+    python -m benchmarks.fp8_gpu_check [--backends triton,mosaic_gpu] [--iters 20] [--skip-bench]
 
 Needs a CUDA GPU (Hopper for FP8 tensor cores); exits with status 2 and a message when JAX sees none. For each
 Pallas GPU backend (Triton via ``jax.experimental.pallas.triton.CompilerParams``; Mosaic GPU via
 ``jax.experimental.pallas.mosaic_gpu.CompilerParams``):
-  1. compile kernels/fp8_pallas.fp8_gemm (K loop inside each program, the GPU form) for accum="fp32" and for
+  1. compile ops/fp8_pallas.fp8_gemm (K loop inside each program, the GPU form) for accum="fp32" and for
      accum="limited" (14 bits, promotion every 128 and never);
   2. check each equals interpret mode on the same inputs (max |diff| / max |ref| < 1e-5; for "limited" the
      truncation points are the same, so the same bound applies unless the backend reorders the 32-wide sums);
@@ -20,17 +20,15 @@ jax/jaxlib versions.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deepseek_jax.kernels import fp8, fp8_pallas  # noqa: E402
+from deepseek_jax.ops import fp8, fp8_pallas  # noqa: E402
 from deepseek_jax.metrics import time_calls  # noqa: E402
 from experiments.fp8_common import provenance, provenance_md, write_json, write_text  # noqa: E402
 

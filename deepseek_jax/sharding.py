@@ -1,4 +1,11 @@
-"""Device mesh, the logical-axis rules, and the sharded train step (jit with NamedSharding: the pjit model).
+"""The sharding vocabulary: mesh axes, the logical-axis rules table, logical names -> PartitionSpec, the active
+mesh and ``constrain``, mesh construction, and a version-stable ``shard_map``.
+
+This module is the ONLY place that names mesh axes (docs/parallelism.md). It imports no other deepseek_jax module
+but config, so every layer may use it. The model names every parameter dimension with a logical axis ("embed",
+"expert", "moe_mlp", ...; see ``LOGICAL_RULES``) and a few activations with ``constrain(x, ("batch", ...))``; the
+table below maps those names to mesh axes. Changing the parallel layout is changing this table, never the model.
+The distributed train and eval steps built on it live in ``parallel/step.py``.
 
 This module is the ONLY place that names mesh axes (DESIGN.md). The model names every parameter dimension with
 a logical axis ("embed", "expert", "moe_mlp", ...; see ``LOGICAL_RULES``) and a few activations with
@@ -12,7 +19,7 @@ Mesh axes (all four always exist; size 1 = unused):
           reduce-scatters its gradient.
   expert  expert parallelism (V3 §3.1: EP 64): routed experts are split over it, and, as in the paper, the same
           devices split the batch for everything that is not an expert (attention, dense FFN, shared experts).
-          The routed rows travel by all-to-all (``parallel/expert_parallel.py``).
+          The routed rows travel by all-to-all (``ops/expert_parallel.py``).
   tensor  tensor (Megatron) parallelism: attention heads, FFN width, expert FFN width, vocabulary.
 
 Decisions:
@@ -33,7 +40,6 @@ import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -149,7 +155,7 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Optional[Sequence[int
             out.append(None)
             continue
         if name not in rules:
-            raise ValueError(f"logical axis {name!r} has no rule in parallel.mesh.LOGICAL_RULES")
+            raise ValueError(f"logical axis {name!r} has no rule in sharding.LOGICAL_RULES")
         axes = tuple(a for a in _as_tuple(rules[name]) if mesh_sizes.get(a, 1) > 1 and a not in used)
         if shape is not None and axes and shape[i] % math.prod(mesh_sizes[a] for a in axes):
             axes = ()
@@ -173,26 +179,6 @@ def variable_specs(boxed, mesh_sizes: Mapping[str, int]):
             return logical_to_spec(x.names, x.value.shape, mesh_sizes)
         return P()
     return jax.tree_util.tree_map(spec, boxed, is_leaf=_is_boxed)
-
-
-def abstract_boxed_variables(model_cfg, seq_len: int = 8):
-    """Boxed shapes of {"params", "router"} without allocating (jax.eval_shape of Transformer.init)."""
-    from deepseek_jax.model import Transformer  # local: the model does not depend on this module
-    seq_len = max(seq_len, model_cfg.num_nextn_predict_layers + 2)
-    return jax.eval_shape(lambda: Transformer(model_cfg).init(jax.random.PRNGKey(0),
-                                                              jnp.zeros((1, seq_len), jnp.int32)))
-
-
-def spec_table(model_cfg, spec) -> Dict[str, Any]:
-    """{"mesh": sizes, "variables": {"params/embed/embedding": [mesh axes per dim], ...}} for every variable
-    (params and router), JSON-ready: the reviewable record of the layout (tests/golden/)."""
-    sizes = mesh_shape(spec)
-    specs = variable_specs(abstract_boxed_variables(model_cfg), sizes)
-    out = {}
-    for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
-        out[key] = [list(a) if isinstance(a, tuple) else a for a in s]
-    return {"mesh": sizes, "variables": dict(sorted(out.items()))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,29 +219,6 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Train state and step
-# ---------------------------------------------------------------------------------------------------------------
-def state_specs(model_cfg, train_cfg, mesh_sizes: Mapping[str, int]):
-    """PartitionSpecs of a ``TrainState`` (same tree): params and router by the rules, Adam moments like their
-    parameter, step/skipped/counts replicated."""
-    import optax
-    from deepseek_jax.train.optimizer import make_optimizer
-    from deepseek_jax.train.step import TrainState
-
-    boxed = abstract_boxed_variables(model_cfg)
-    specs = variable_specs(boxed, mesh_sizes)
-    import flax.linen as nn
-    shapes = nn.meta.unbox(boxed)
-    opt = make_optimizer(train_cfg.optim)
-    opt_shapes = jax.eval_shape(opt.init, shapes["params"])
-    opt_specs = optax.tree_map_params(opt, lambda _, s: s, opt_shapes, specs["params"],
-                                      transform_non_params=lambda _: P(),
-                                      is_leaf=lambda x: isinstance(x, P))
-    return TrainState(step=P(), params=specs["params"], opt_state=opt_specs, router=specs.get("router", {}),
-                      skipped=P())
-
-
 def to_shardings(specs, mesh):
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
@@ -269,14 +232,6 @@ def batch_axes_size(mesh_sizes: Mapping[str, int]) -> int:
     return math.prod(mesh_sizes[a] for a in BATCH_AXES)
 
 
-def init_sharded_state(model_cfg, train_cfg, mesh, rng, seq_len: Optional[int] = None):
-    """``init_train_state`` jitted with the state's out_shardings: each device materialises only its shards."""
-    from deepseek_jax.train.step import init_train_state
-    shardings = to_shardings(state_specs(model_cfg, train_cfg, axis_sizes(mesh)), mesh)
-    init = jax.jit(lambda r: init_train_state(model_cfg, train_cfg, r, seq_len), out_shardings=shardings)
-    return init(rng)  # traced without use_mesh: init runs the model on a 1-sequence dummy batch, no EP needed
-
-
 def put_global(tree, shardings):
     """Global arrays from host values that every process holds in full (same seed, same checkpoint): each
     process fills only its addressable shards (``jax.make_array_from_callback``), so this works with one
@@ -287,101 +242,20 @@ def put_global(tree, shardings):
     return jax.tree_util.tree_map(put, tree, shardings)
 
 
-def shard_state(state, model_cfg, train_cfg, mesh):
-    """Place a host (or single-device) TrainState on the mesh by the rules; every process passes the same state."""
-    shardings = to_shardings(state_specs(model_cfg, train_cfg, axis_sizes(mesh)), mesh)
-    return put_global(jax.device_get(state), shardings)
+try:  # jax >= 0.7
+    from jax import shard_map as _shard_map
+    _CHECK_KW = "check_vma"
+except ImportError:  # older jax
+    from jax.experimental.shard_map import shard_map as _shard_map
+    _CHECK_KW = "check_rep"
 
 
-def shard_batch(batch: Dict[str, Any], mesh, process_local: bool = False) -> Dict[str, jax.Array]:
-    """Put a batch {"tokens": [n_micro, b, T+1], "mask"?: [n_micro, b, T]} on the mesh, batch axis split.
-
-    ``process_local``: each process passes only its own rows (multi-controller input pipelines); the global batch
-    is the concatenation over processes in process order (``jax.make_array_from_process_local_data``)."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if k in ("tokens", "mask") and v.ndim == 2:
-            v = v[None]
-        sharding = NamedSharding(mesh, batch_spec(v.ndim) if v.ndim >= 2 else P())
-        if process_local:
-            out[k] = jax.make_array_from_process_local_data(sharding, v)
-        else:
-            out[k] = put_global(v, sharding)
-    return out
-
-
-def shard_train_step(model_cfg, train_cfg, mesh, donate: bool = True, ep_capacity_factor: Optional[float] = None):
-    """``make_train_step`` jitted with in/out shardings on ``mesh``: (state, batch) -> (state, metrics).
-
-    The state is sharded by ``state_specs``, the batch by ``batch_spec``, metrics are replicated. The step is
-    traced with ``use_mesh(mesh)`` active, so ``constrain`` and ``moe_dispatch``'s expert-parallel path see the
-    mesh. The batch's per-micro-batch size must be divisible by data * fsdp * expert."""
-    from deepseek_jax.train.step import make_train_step
-    sizes = axis_sizes(mesh)
-    step = make_train_step(model_cfg, train_cfg)
-    state_sh = to_shardings(state_specs(model_cfg, train_cfg, sizes), mesh)
-    replicated = NamedSharding(mesh, P())
-    n_batch = batch_axes_size(sizes)
-
-    def traced(state, batch):
-        b = batch["tokens"].shape[-2]
-        if b % n_batch:
-            raise ValueError(f"batch['tokens']: per-micro-batch size {b} is not divisible by the mesh's batch "
-                             f"axes data*fsdp*expert = {n_batch}")
-        with use_mesh(mesh, ep_capacity_factor):
-            return step(state, batch)
-
-    batch_sh = {"tokens": NamedSharding(mesh, batch_spec(3)), "mask": NamedSharding(mesh, batch_spec(3))}
-
-    jitted = jax.jit(traced, in_shardings=(state_sh, None), out_shardings=(state_sh, replicated),
-                     donate_argnums=(0,) if donate else ())
-
-    def call(state, batch):
-        return jitted(state, _put_host_batch(batch, mesh))
-
-    call.jitted = jitted
-    call.state_shardings = state_sh
-    call.batch_shardings = batch_sh
-    return call
-
-
-def _put_host_batch(batch: Dict[str, Any], mesh) -> Dict[str, Any]:
-    """The steps' inputs: "tokens" / "mask" given as host values (the same on every process; [B, T(+1)] or
-    [n, b, T(+1)]) become global [n, b, ...] arrays split over the batch axes; jax.Arrays pass as they are."""
-    batch = dict(batch)
-    n_batch = batch_axes_size(axis_sizes(mesh))
-    for k in ("tokens", "mask"):
-        if k in batch and not isinstance(batch[k], jax.Array):
-            v = np.asarray(batch[k])
-            v = v[None] if v.ndim == 2 else v
-            if v.shape[1] % n_batch:
-                raise ValueError(f"batch[{k!r}]: batch size {v.shape[1]} is not divisible by the mesh's batch "
-                                 f"axes data*fsdp*expert = {n_batch}")
-            batch[k] = put_global(v, NamedSharding(mesh, batch_spec(3)))
-    return batch
-
-
-def shard_eval_step(model_cfg, mesh, ep_capacity_factor: Optional[float] = None):
-    """``make_eval_step`` on ``mesh``: (params, router, batch) -> replicated sums. The batch (host values, the
-    same on every process: tokens [B, T+1] or [n, b, T+1], mask alike) is split over the batch axes; the params
-    keep their shardings; traced with ``use_mesh`` so the experts run expert-parallel as in training."""
-    from deepseek_jax.train.step import make_eval_step
-    step = make_eval_step(model_cfg)
-    n_batch = batch_axes_size(axis_sizes(mesh))
-
-    def traced(params, router, batch):
-        b = batch["tokens"].shape[-2]
-        if b % n_batch:
-            raise ValueError(f"batch['tokens']: batch size {b} is not divisible by the mesh's batch axes "
-                             f"data*fsdp*expert = {n_batch}")
-        with use_mesh(mesh, ep_capacity_factor):
-            return step(params, router, batch)
-
-    jitted = jax.jit(traced, out_shardings=NamedSharding(mesh, P()))
-
-    def call(params, router, batch):
-        return jitted(params, router, _put_host_batch(batch, mesh))
-
-    call.jitted = jitted
-    return call
+def shard_map(f, mesh, in_specs, out_specs):
+    """``jax.shard_map`` (jax >= 0.7) or ``jax.experimental.shard_map.shard_map``, with the varying-axes
+    (replication) check off: the local MoE dispatches (ops/moe_dispatch.py) carry loop state created with jnp.zeros
+    (mesh-invariant) through fori_loops whose bodies make it device-varying, which the check rejects, and the ops
+    must not know mesh axes to annotate it. Without the check, autodiff stays correct: the transpose sums the
+    cotangent of an input over the mesh axes its spec does not mention (a weight replicated over "data" gets its
+    gradient summed over "data") after dividing replicated outputs' cotangents by those axes' sizes; the
+    sharded-vs-single-device tests (tests/parallel) hold the gradients to 1e-5."""
+    return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KW: False})

@@ -23,8 +23,8 @@ MFU: model FLOPs per token = 6 * N_act + 6 * L * T * H * (d_qk + d_v)
   the full T x T score matrix (PaLM convention; causal masking halves the useful part), d_qk = nope + rope.
 Peak: median fp32 GFLOP/s of jnp.dot(2048x2048, 2048x2048) measured in the same run (torch.mm also printed).
 
-    python experiments/bench_train.py                # print the table
-    python experiments/bench_train.py --mtp --write  # also time ours with MTP; write experiments/results/bench_train_cpu.{md,json}
+    python -m benchmarks.bench_train                # print the table
+    python -m benchmarks.bench_train --mtp --write  # also time ours with MTP; write experiments/results/bench_train_cpu.{md,json}
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Issue 6 acceptance item (V3 §5.4.3 reports 85-90% acceptance of the second toke
 full model). The model is a training run's checkpoint with an MTP module, by default the quickstart's:
 
     python -m experiments.run --config=experiments/configs/quickstart.py --config.loop.out_dir=runs/decode_quickstart
-    python experiments/speculative.py --run runs/decode_quickstart --write
+    python -m benchmarks.speculative --run runs/decode_quickstart --write
 
 Prompts: the first `--prompt-len` tokens of the first `--prompts` validation documents of the run's corpus (the
 same hash split the run used, so the model never trained on them). Each prompt is continued greedily by up to

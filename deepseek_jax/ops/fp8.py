@@ -13,7 +13,7 @@ not multiples of the block are zero-padded for the statistics only.
 
 GEMMs. ``block_gemm`` computes C[M, N] = deq(a)[M, K] deq(b)[N, K]^T for K-major operands with any of the
 tilings, by the XLA reference (dequantize to fp32, one fp32 matmul: exact promotion) or the Pallas kernel
-(kernels/fp8_pallas.py, which can also emulate limited-precision accumulation).
+(ops/fp8_pallas.py, which can also emulate limited-precision accumulation).
 
 ``fp8_linear(x[M, K], w[K, N], cfg)``: y = x w with a custom VJP in which all three GEMMs take FP8 inputs with
 the paper's tilings (Fig. 6, App. B.2):
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import Fp8Config
-from deepseek_jax.kernels import fp8_pallas
+from deepseek_jax.ops import fp8_pallas
 
 TILE = 128
 FORMATS = {"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
