@@ -43,6 +43,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from deepseek_jax import compat
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -117,14 +119,9 @@ def make_mesh(spec: Union[str, Mapping[str, int], None] = None, devices: Optiona
 
 
 def abstract_mesh(spec: Union[str, Mapping[str, int]]):
-    """A ``jax.sharding.AbstractMesh`` (sizes and names, no devices) for lowering without the devices.
-    jax >= 0.5 takes (axis_sizes, axis_names); older releases a tuple of (name, size) pairs."""
+    """A ``jax.sharding.AbstractMesh`` (sizes and names, no devices) for lowering without the devices."""
     shape = mesh_shape(spec)
-    sizes, names = tuple(shape[a] for a in MESH_AXES), MESH_AXES
-    try:
-        return jax.sharding.AbstractMesh(sizes, names)
-    except TypeError:
-        return jax.sharding.AbstractMesh(tuple(zip(names, sizes)))
+    return compat.abstract_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES)
 
 
 def axis_sizes(mesh) -> Dict[str, int]:
@@ -242,20 +239,13 @@ def put_global(tree, shardings):
     return jax.tree_util.tree_map(put, tree, shardings)
 
 
-try:  # jax >= 0.7
-    from jax import shard_map as _shard_map
-    _CHECK_KW = "check_vma"
-except ImportError:  # older jax
-    from jax.experimental.shard_map import shard_map as _shard_map
-    _CHECK_KW = "check_rep"
-
 
 def shard_map(f, mesh, in_specs, out_specs):
-    """``jax.shard_map`` (jax >= 0.7) or ``jax.experimental.shard_map.shard_map``, with the varying-axes
+    """``shard_map`` (compat.py: jax.shard_map or its older experimental home) with the varying-axes
     (replication) check off: the local MoE dispatches (ops/moe_dispatch.py) carry loop state created with jnp.zeros
     (mesh-invariant) through fori_loops whose bodies make it device-varying, which the check rejects, and the ops
     must not know mesh axes to annotate it. Without the check, autodiff stays correct: the transpose sums the
     cotangent of an input over the mesh axes its spec does not mention (a weight replicated over "data" gets its
     gradient summed over "data") after dividing replicated outputs' cotangents by those axes' sizes; the
     sharded-vs-single-device tests (tests/parallel) hold the gradients to 1e-5."""
-    return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KW: False})
+    return compat.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check=False)
