@@ -25,6 +25,7 @@ from deepseek_jax.layers.linear import Dense, dtype_of
 from deepseek_jax.layers.moe import MLP, MoE
 from deepseek_jax.layers.mtp import MTPModule
 from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.layers.router import LOAD_COLLECTION
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -56,6 +57,7 @@ class Block(nn.Module):
     moe: bool
     absorb: bool = False
     dot_general: Optional[object] = None
+    dispatch: Optional[object] = None  # the MoE dispatch strategy (layers/moe.py); None = local
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, cache=None):
@@ -68,7 +70,7 @@ class Block(nn.Module):
         x_btd = x_btd + h
         y = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="mlp_norm")(x_btd)
         if self.moe:
-            y, aux = MoE(cfg, dot_general, name="mlp")(y)
+            y, aux = MoE(cfg, dot_general, self.dispatch, name="mlp")(y)
         else:
             y, aux = MLP(cfg, cfg.intermediate_size, dot_general, name="mlp")(y), {}
         return x_btd + y, (aux, new_cache)
@@ -80,11 +82,11 @@ def _block_class(cfg: ModelConfig):
     return Block
 
 
-def _block_stack(cfg: ModelConfig, moe: bool, n: int, absorb: bool, dot_general, name: str):
+def _block_stack(cfg: ModelConfig, moe: bool, n: int, absorb: bool, dot_general, dispatch, name: str):
     cls = _block_class(cfg)
-    scanned = nn.scan(cls, variable_axes={"params": 0, "router": 0}, split_rngs={"params": True},
+    scanned = nn.scan(cls, variable_axes={"params": 0, "router": 0, LOAD_COLLECTION: 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, 0), length=n, metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(cfg, moe=moe, absorb=absorb, dot_general=dot_general, name=name)
+    return scanned(cfg, moe=moe, absorb=absorb, dot_general=dot_general, dispatch=dispatch, name=name)
 
 
 def check_tokens(tokens, vocab_size: int) -> None:
@@ -126,6 +128,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     dot_general: Optional[object] = None  # precision policy for the FP8-eligible projections
     stacked: bool = True
+    dispatch: Optional[object] = None  # MoE dispatch strategy (layers/moe.py); None = local, from cfg
 
     @nn.compact
     def __call__(self, tokens_bt: jax.Array, positions_bt: Optional[jax.Array] = None,
@@ -148,13 +151,13 @@ class Transformer(nn.Module):
             if n == 0:
                 continue
             if self.stacked:
-                stack = _block_stack(cfg, moe, n, absorb, self.dot_general, f"{kind}_layers")
+                stack = _block_stack(cfg, moe, n, absorb, self.dot_general, self.dispatch, f"{kind}_layers")
                 x, (aux_k, cache_k) = stack(x, positions_bt, None if cache is None else cache[kind])
             else:
                 auxs, caches = [], []
                 for i in range(n):
                     block = _block_class(cfg)(cfg, moe=moe, absorb=absorb, dot_general=self.dot_general,
-                                              name=f"{kind}_layers_{i}")
+                                              dispatch=self.dispatch, name=f"{kind}_layers_{i}")
                     x, (a, c) = block(x, positions_bt, None if cache is None else cache[kind][i])
                     auxs.append(a)
                     caches.append(c)
@@ -175,8 +178,7 @@ class Transformer(nn.Module):
             h_prev, mtp_aux = hidden, []
             for k in range(1, D + 1):
                 h_k, normed_k, aux_k = MTPModule(cfg, _block_class(cfg), cfg.num_hidden_layers + k - 1,
-                                                 self.dot_general,
-                                                 name=f"mtp_{k - 1}")(
+                                                 self.dot_general, self.dispatch, name=f"mtp_{k - 1}")(
                     h_prev[:, :T - k], embed(tokens_bt[:, k:]), positions_bt[:, :T - k])
                 mtp_logits.append(head(normed_k))
                 mtp_aux.append(aux_k)

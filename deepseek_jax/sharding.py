@@ -182,29 +182,21 @@ def variable_specs(boxed, mesh_sizes: Mapping[str, int]):
 # Active mesh (for activation constraints and the expert-parallel dispatch, at trace time)
 # ---------------------------------------------------------------------------------------------------------------
 _ACTIVE = contextvars.ContextVar("deepseek_jax_mesh", default=None)
-_EP_CAPACITY = contextvars.ContextVar("deepseek_jax_ep_capacity", default=None)
 
 
 @contextlib.contextmanager
-def use_mesh(mesh, ep_capacity_factor: Optional[float] = None):
-    """Make ``mesh`` (a Mesh or AbstractMesh) the one that ``constrain`` and the expert-parallel dispatch see
-    while a function is traced. ``shard_train_step`` enters it around tracing; use it around your own jit too.
-    ``ep_capacity_factor``: None = dropless all-to-all buffers (expert_parallel.py), else the capacity factor."""
+def use_mesh(mesh):
+    """Make ``mesh`` (a Mesh or AbstractMesh) the one that ``constrain`` sees while a function is traced.
+    ``parallel/step.py`` enters it around tracing its steps; use it around your own jit too."""
     token = _ACTIVE.set(mesh)
-    token_c = _EP_CAPACITY.set(ep_capacity_factor)
     try:
         yield mesh
     finally:
-        _EP_CAPACITY.reset(token_c)
         _ACTIVE.reset(token)
 
 
 def active_mesh():
     return _ACTIVE.get()
-
-
-def active_ep_capacity_factor() -> Optional[float]:
-    return _EP_CAPACITY.get()
 
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:

@@ -140,10 +140,10 @@ def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_bat
     state_in = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), state, shard)
     tokens = jax.ShapeDtypeStruct((1, micro_batch * n_b, seq_len + 1), jnp.int32,
                                   sharding=NamedSharding(am, sharding.batch_spec(3)))
-    step = make_train_step(cfg, tc)
+    step = make_train_step(cfg, tc, expert_parallel.dispatch_for(cfg, am, ep_capacity_factor))
 
     def traced(s, b):
-        with sharding.use_mesh(am, ep_capacity_factor):
+        with sharding.use_mesh(am):
             return step(s, b)
 
     lowered = jax.jit(traced, out_shardings=(shard, NamedSharding(am, P()))).trace(

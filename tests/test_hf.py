@@ -355,7 +355,7 @@ def test_sharded_round_trip_with_mtp_is_bitwise(tmp_path):
     cfg2, back = hf.load_pretrained(tmp_path)
     assert cfg2 == cfg
     leaves_equal(back, variables)
-    assert "mtp_1" in back["params"] and back["router"]["mtp_1"]["block"]["mlp"]["bias"].shape == (8,)
+    assert "mtp_1" in back["params"] and back["router"]["mtp_1"]["block"]["mlp"]["router"]["bias"].shape == (8,)
     # load_mtp=False ignores MTP layers that are present
     cfg0, back0 = hf.load_pretrained(tmp_path, load_mtp=False)
     assert cfg0.num_nextn_predict_layers == 0

@@ -30,6 +30,7 @@ class MTPModule(nn.Module):
     block_cls: type
     layer_idx: int  # index of this module's block in HF numbering (num_hidden_layers + k - 1)
     dot_general: Optional[object] = None
+    dispatch: Optional[object] = None  # the MoE dispatch strategy (layers/moe.py); None = local
 
     @nn.compact
     def __call__(self, h_prev_btd: jax.Array, emb_next_btd: jax.Array, positions_bt: jax.Array, cache=None,
@@ -45,7 +46,8 @@ class MTPModule(nn.Module):
         x = Dense(cfg.hidden_size, (None, "embed"), cfg.dtype, cfg.param_dtype, cfg.initializer_range,
                   name="eh_proj")(jax.numpy.concatenate([e, h], axis=-1))
         x, (aux, new_cache) = self.block_cls(cfg, moe=cfg.is_moe_layer(self.layer_idx), absorb=absorb,
-                                             dot_general=self.dot_general, name="block")(x, positions_bt, cache)
+                                             dot_general=self.dot_general, dispatch=self.dispatch,
+                                             name="block")(x, positions_bt, cache)
         normed = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="head_norm")(x)
         if cache is not None:
             return x, normed, aux, new_cache

@@ -30,25 +30,17 @@ reduction), exactly as on one device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
-from deepseek_jax.ops import moe_dispatch
-
-def active_mesh():
-    """The active mesh (``sharding.use_mesh``) when it has an "expert" axis of size > 1, else None: the MoE
-    layer then takes this path instead of the single-device dispatch."""
-    m = sharding.active_mesh()
-    if m is None or sharding.axis_sizes(m).get("expert", 1) <= 1:
-        return None
-    return m
-
+from deepseek_jax.ops.moe_dispatch import LocalDispatch
 
 def capacity(n_local: int, k: int, n_ep: int, capacity_factor: Optional[float]) -> int:
     """Rows per (source, destination) pair of the static all-to-all buffer. None: n_local * k (dropless)."""
@@ -85,10 +77,8 @@ def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, te
 
     valid = recv_e >= 0
     local_idx, local_w = jnp.where(valid, recv_e, 0)[:, None], valid[:, None].astype(jnp.float32)
-    if linear_fn is not None:  # FP8: per-row 1x128 activation tiles, per-expert 128x128 weight blocks
-        y_sd = moe_dispatch.dispatch_fp8_tiles(recv_x, local_idx, local_w, wg, wu, wd, tile, linear_fn)
-    else:
-        y_sd = moe_dispatch.routed_experts(recv_x, local_idx, local_w, wg, wu, wd, dispatch, tile)
+    # FP8 (linear_fn set): per-row 1x128 activation tiles, per-expert 128x128 weight blocks, as on one device
+    y_sd, _ = LocalDispatch(dispatch, tile)(recv_x, local_idx, local_w, wg, wu, wd, linear_fn)
     # y_sd: fp32 [n_slots, d]; empty slots give 0
     if tensor_size > 1:
         y_sd = jax.lax.psum(y_sd, "tensor")                     # partial sums over the FFN-width slices
@@ -113,11 +103,9 @@ def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile:
     tiles are per row, weight blocks per expert); the Wgrad's 128x1 token tiles group the rows a device received.
     Returns (y [N, d] fp32, dropped: routed rows dropped over the whole batch, int32 scalar; 0 when dropless)."""
     mesh = mesh or sharding.active_mesh()
-    if capacity_factor is None:
-        capacity_factor = sharding.active_ep_capacity_factor()
     if mesh is None:
-        raise ValueError("the expert-parallel dispatch needs an active mesh: run the step through "
-                         "parallel.step.shard_train_step, or trace inside sharding.use_mesh(mesh)")
+        raise ValueError("the expert-parallel dispatch needs a mesh: pass mesh=, or trace inside "
+                         "sharding.use_mesh(mesh)")
     sizes = sharding.axis_sizes(mesh)
     n_ep, n_tp = sizes["expert"], sizes["tensor"]
     E, N, K = wg.shape[0], x_nd.shape[0], idx_nk.shape[1]
@@ -137,3 +125,29 @@ def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile:
                              linear_fn=linear_fn)
     f = sharding.shard_map(body, mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, P()))
     return f(x_nd, idx_nk, w_nk, wg, wu, wd)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelDispatch:
+    """The MoE layer's dispatch strategy on a mesh with an "expert" axis (see ``moe_dispatch.LocalDispatch`` for
+    the contract): ``routed_experts`` above on ``mesh``, with ``name`` / ``tile`` the local dispatch each device
+    runs on the rows it received and ``capacity_factor`` the all-to-all buffer size (None = dropless). Its aux
+    holds "ep_dropped", the routed rows the buffer dropped over the whole batch."""
+
+    mesh: Any
+    name: str = "auto"
+    tile: int = 128
+    capacity_factor: Optional[float] = None
+
+    def __call__(self, x_nd, idx_nk, w_nk, wg, wu, wd, linear_fn=None):
+        y, dropped = routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, self.name, self.tile, self.capacity_factor,
+                                    self.mesh, linear_fn)
+        return y, {"ep_dropped": dropped}
+
+
+def dispatch_for(model_cfg, mesh=None, capacity_factor: Optional[float] = None):
+    """The dispatch strategy for ``model_cfg`` on ``mesh``: expert-parallel when the mesh has an "expert" axis of
+    size > 1, else the local one (``ModelConfig.moe_dispatch`` / ``moe_tile_size``)."""
+    if mesh is not None and sharding.axis_sizes(mesh).get("expert", 1) > 1:
+        return ExpertParallelDispatch(mesh, model_cfg.moe_dispatch, model_cfg.moe_tile_size, capacity_factor)
+    return LocalDispatch(model_cfg.moe_dispatch, model_cfg.moe_tile_size)

@@ -17,6 +17,8 @@ Dispatch (all dropless, all the same function; tests hold each equal to ``dense`
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -27,7 +29,7 @@ def swiglu(h_gate, h_up):
     return jax.nn.silu(h_gate) * h_up
 
 
-def dispatch_dense(x_nd, idx_nk, w_nk, wg, wu, wd):
+def dispatch_dense(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int = 0):
     """Reference: every expert on every token; combine with a [N, E] weight matrix that is zero off-route."""
     N, E = x_nd.shape[0], wg.shape[0]
     # x broadcast over experts: a batched matmul reads each expert's weights in place ("nd,edf->enf" would make
@@ -54,7 +56,7 @@ def _unsort_combine(y_sorted, order, w_nk):
     return jnp.einsum("nkd,nk->nd", y_nkd, w_nk)
 
 
-def dispatch_ragged(x_nd, idx_nk, w_nk, wg, wu, wd):
+def dispatch_ragged(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int = 0):
     K, E = idx_nk.shape[1], wg.shape[0]
     order, _, sizes = _sort_by_expert(idx_nk, E)
     x_sorted = x_nd[order // K]
@@ -218,27 +220,7 @@ def dispatch_fp8_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int, linear_fn):
     return jnp.einsum("nkd,nk->nd", y_pd[dest_nk].astype(jnp.float32), w_nk)
 
 
-def resolve_dispatch(name: str) -> str:
-    if name == "auto":
-        return "sorted_tiles" if jax.default_backend() == "cpu" else "ragged"
-    return name
-
-
-def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str, tile: int = 128):
-    """sum_k g_k * FFN_{e_k}(x) for every token, by the chosen dispatch. Returns fp32 [N, d]."""
-    dispatch = resolve_dispatch(dispatch)
-    if dispatch == "dense":
-        return dispatch_dense(x_nd, idx_nk, w_nk, wg, wu, wd)
-    if dispatch == "ragged":
-        return dispatch_ragged(x_nd, idx_nk, w_nk, wg, wu, wd)
-    if dispatch == "sorted_tiles":
-        return dispatch_sorted_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile)
-    if dispatch == "gather":
-        return dispatch_gather(x_nd, idx_nk, w_nk, wg, wu, wd)
-    raise ValueError(f"unknown moe_dispatch {dispatch!r}")
-
-
-def dispatch_gather(x_nd, idx_nk, w_nk, wg, wu, wd):
+def dispatch_gather(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int = 0):
     """Every routed row (n, k) times its expert's weights gathered for that row (decode-sized N*K only: it reads
     N*K copies of an expert's weights)."""
     h_nkf = swiglu(jnp.einsum("nd,nkdf->nkf", x_nd, wg[idx_nk]), jnp.einsum("nd,nkdf->nkf", x_nd, wu[idx_nk]))
@@ -246,3 +228,43 @@ def dispatch_gather(x_nd, idx_nk, w_nk, wg, wu, wd):
     return jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), w_nk)
 
 
+# name -> dispatch; every entry computes the same function, (x_nd, idx_nk, w_nk, wg, wu, wd, tile) -> fp32 [N, d].
+# A new dispatch is one function here and its name in config.MOE_DISPATCHES (BUILD.md "Architecture").
+DISPATCHES = {
+    "dense": dispatch_dense,
+    "ragged": dispatch_ragged,
+    "sorted_tiles": dispatch_sorted_tiles,
+    "gather": dispatch_gather,
+}
+
+
+def resolve_dispatch(name: str) -> str:
+    """"auto" -> the platform's choice (sorted_tiles on CPU, ragged elsewhere); other names pass through."""
+    if name == "auto":
+        return "sorted_tiles" if jax.default_backend() == "cpu" else "ragged"
+    return name
+
+
+def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str, tile: int = 128):
+    """sum_k g_k * FFN_{e_k}(x) for every token, by the named dispatch. Returns fp32 [N, d]."""
+    name = resolve_dispatch(dispatch)
+    if name not in DISPATCHES:
+        raise ValueError(f"moe_dispatch: unknown dispatch {dispatch!r}; known: {sorted(DISPATCHES)}")
+    return DISPATCHES[name](x_nd, idx_nk, w_nk, wg, wu, wd, tile=tile)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDispatch:
+    """The routed experts on this device: the MoE layer's default dispatch strategy.
+
+    A strategy maps (x_nd, idx_nk, w_nk, wg, wu, wd, linear_fn) to (y fp32 [N, d], aux dict); ``linear_fn`` is the
+    FP8 policy's linear (ops/fp8.py) or None. With it the experts' GEMMs go through FP8 (dispatch_fp8_tiles),
+    whatever ``name`` says. ops/expert_parallel.py's ExpertParallelDispatch is the other strategy."""
+
+    name: str = "auto"
+    tile: int = 128
+
+    def __call__(self, x_nd, idx_nk, w_nk, wg, wu, wd, linear_fn=None):
+        if linear_fn is not None:
+            return dispatch_fp8_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, self.tile, linear_fn), {}
+        return routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, self.name, self.tile), {}

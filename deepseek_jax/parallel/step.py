@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax.model import Transformer
+from deepseek_jax.ops.expert_parallel import dispatch_for
 from deepseek_jax.sharding import (axis_sizes, batch_axes_size, batch_spec, mesh_shape, put_global, to_shardings,
                                    use_mesh, variable_specs)
 from deepseek_jax.train.optimizer import make_optimizer
@@ -78,10 +79,11 @@ def shard_train_step(model_cfg, train_cfg, mesh, donate: bool = True, ep_capacit
     """``make_train_step`` jitted with in/out shardings on ``mesh``: (state, batch) -> (state, metrics).
 
     The state is sharded by ``state_specs``, the batch by ``batch_spec``, metrics are replicated. The step is
-    traced with ``use_mesh(mesh)`` active, so ``constrain`` and ``moe_dispatch``'s expert-parallel path see the
-    mesh. The batch's per-micro-batch size must be divisible by data * fsdp * expert."""
+    traced with ``use_mesh(mesh)`` active, so ``constrain`` sees the mesh, and the MoE layers get the
+    expert-parallel dispatch (``ops.expert_parallel.dispatch_for``) when the mesh has an "expert" axis > 1,
+    with ``ep_capacity_factor`` its all-to-all buffer size (None = dropless). The batch's per-micro-batch size must be divisible by data * fsdp * expert."""
     sizes = axis_sizes(mesh)
-    step = make_train_step(model_cfg, train_cfg)
+    step = make_train_step(model_cfg, train_cfg, dispatch_for(model_cfg, mesh, ep_capacity_factor))
     state_sh = to_shardings(state_specs(model_cfg, train_cfg, sizes), mesh)
     replicated = NamedSharding(mesh, P())
     n_batch = batch_axes_size(sizes)
@@ -91,7 +93,7 @@ def shard_train_step(model_cfg, train_cfg, mesh, donate: bool = True, ep_capacit
         if b % n_batch:
             raise ValueError(f"batch['tokens']: per-micro-batch size {b} is not divisible by the mesh's batch "
                              f"axes data*fsdp*expert = {n_batch}")
-        with use_mesh(mesh, ep_capacity_factor):
+        with use_mesh(mesh):
             return step(state, batch)
 
     batch_sh = {"tokens": NamedSharding(mesh, batch_spec(3)), "mask": NamedSharding(mesh, batch_spec(3))}
@@ -128,7 +130,7 @@ def shard_eval_step(model_cfg, mesh, ep_capacity_factor: Optional[float] = None)
     """``make_eval_step`` on ``mesh``: (params, router, batch) -> replicated sums. The batch (host values, the
     same on every process: tokens [B, T+1] or [n, b, T+1], mask alike) is split over the batch axes; the params
     keep their shardings; traced with ``use_mesh`` so the experts run expert-parallel as in training."""
-    step = make_eval_step(model_cfg)
+    step = make_eval_step(model_cfg, dispatch_for(model_cfg, mesh, ep_capacity_factor))
     n_batch = batch_axes_size(axis_sizes(mesh))
 
     def traced(params, router, batch):
@@ -136,7 +138,7 @@ def shard_eval_step(model_cfg, mesh, ep_capacity_factor: Optional[float] = None)
         if b % n_batch:
             raise ValueError(f"batch['tokens']: batch size {b} is not divisible by the mesh's batch axes "
                              f"data*fsdp*expert = {n_batch}")
-        with use_mesh(mesh, ep_capacity_factor):
+        with use_mesh(mesh):
             return step(params, router, batch)
 
     jitted = jax.jit(traced, out_shardings=NamedSharding(mesh, P()))

@@ -40,10 +40,13 @@ def mtp_targets(tokens: jax.Array, mask: Optional[jax.Array], k: int) -> Tuple[j
     return tokens[:, k + 1:], (None if mask is None else mask[:, k:])
 
 
-def mtp_loss(mtp_logits: Sequence[jax.Array], tokens: jax.Array, mask: Optional[jax.Array], lam) -> jax.Array:
+def mtp_loss(mtp_logits: Sequence[jax.Array], tokens: jax.Array, mask: Optional[jax.Array], lam,
+             counts: Optional[jax.Array] = None) -> jax.Array:
     """L_MTP = (lambda / D) * sum_{k=1..D} CE_k (V3 eq. 25), CE_k the mean over depth k's valid targets.
 
     mtp_logits: the model's tuple, the k-th [B, T-k, V]; tokens: the batch tokens [B, T+1]; mask [B, T] or None.
+    ``counts`` [D]: the number of valid targets CE_k is averaged over (default: those of this batch; under
+    gradient accumulation, those of the whole global batch, so micro-batch losses add up to the global one).
     0 when D = 0."""
     D = len(mtp_logits)
     if D == 0:
@@ -52,7 +55,7 @@ def mtp_loss(mtp_logits: Sequence[jax.Array], tokens: jax.Array, mask: Optional[
     for k, logits in enumerate(mtp_logits, start=1):
         tgt, m = mtp_targets(tokens, mask, k)
         s, c = cross_entropy(logits, tgt, m)
-        total = total + s / jnp.maximum(c, 1.0)
+        total = total + s / jnp.maximum(c if counts is None else counts[k - 1], 1.0)
     return jnp.asarray(lam, jnp.float32) / D * total
 
 
@@ -69,12 +72,16 @@ def sequence_balance_terms(seq_counts: jax.Array, seq_probs: jax.Array, K: int, 
     return (f * seq_probs.astype(jnp.float32)).sum(-1)
 
 
-def sequence_balance_loss(seq_counts: jax.Array, seq_probs: jax.Array, K: int, T: int, alpha) -> jax.Array:
+def sequence_balance_loss(seq_counts: jax.Array, seq_probs: jax.Array, K: int, T: int, alpha,
+                          n_sequences=None) -> jax.Array:
     """Sequence-wise balance loss alpha * sum_i f_i P_i (V3 eq. 17), averaged over MoE layers and sequences
     (the paper defines it per sequence and per layer; it does not say how they combine: we take the mean, so
     alpha keeps its meaning whatever the depth and batch). seq_counts, seq_probs [L, B, E]; T tokens per
-    sequence. Uniform routing gives exactly alpha."""
-    return jnp.asarray(alpha, jnp.float32) * sequence_balance_terms(seq_counts, seq_probs, K, T).mean()
+    sequence. ``n_sequences``: the sequence count of the mean (default B; under gradient accumulation, the global
+    batch's). Uniform routing gives exactly alpha."""
+    terms_lb = sequence_balance_terms(seq_counts, seq_probs, K, T)
+    n = terms_lb.shape[-1] if n_sequences is None else n_sequences
+    return jnp.asarray(alpha, jnp.float32) * terms_lb.sum() / (terms_lb.shape[0] * n)
 
 
 def batch_balance_terms(seq_counts: jax.Array, seq_probs: jax.Array, K: int, T: int) -> jax.Array:
@@ -88,6 +95,17 @@ def batch_balance_terms(seq_counts: jax.Array, seq_probs: jax.Array, K: int, T: 
     B, E = seq_counts.shape[-2], seq_counts.shape[-1]
     f = (E / (K * B * T)) * seq_counts.astype(jnp.float32).sum(-2)
     return (f * seq_probs.astype(jnp.float32).mean(-2)).sum(-1)
+
+
+def batch_balance_loss(seq_counts: jax.Array, seq_probs: jax.Array, K: int, T: int, alpha,
+                       n_sequences=None) -> jax.Array:
+    """The batch-wise balance loss (V3 §4.5.3): alpha * the mean over MoE layers of ``batch_balance_terms``.
+    ``n_sequences`` (default B): under gradient accumulation the global batch's sequence count, so each
+    micro-batch's term is weighted by its share of the sequences and the micro-batch losses average."""
+    terms_l = batch_balance_terms(seq_counts, seq_probs, K, T)
+    b = seq_counts.shape[-2]
+    n = b if n_sequences is None else n_sequences
+    return jnp.asarray(alpha, jnp.float32) * (terms_l * b).sum() / (terms_l.shape[0] * n)
 
 
 def max_vio(load: jax.Array, per_layer: bool = False) -> jax.Array:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -38,6 +39,7 @@ from ml_collections import config_dict
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.router import LOAD_COLLECTION
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, PAPER_WARMUP_STEPS, make_optimizer, paper_gamma_switch_step,
                                           paper_lambda_switch_step, paper_lr_phases, schedule_from_config,
@@ -187,24 +189,97 @@ def bias_update(bias: jax.Array, load: jax.Array, gamma) -> jax.Array:
     return (bias.astype(jnp.float32) + jnp.asarray(gamma, jnp.float32) * jnp.sign(err)).astype(bias.dtype)
 
 
-def update_router_bias(router, loads: Dict[str, jax.Array], gamma) -> Any:
-    """Apply ``bias_update`` to the whole "router" collection: router["moe_layers"]["mlp"]["bias"] [L, E] from
-    loads["moe"] [L, E], and router[f"mtp_{k}"]["block"]["mlp"]["bias"] [E] from loads["mtp"][k]. Raises on a
-    router entry it does not know, so a model change cannot leave a bias silently frozen."""
-    new = {}
-    for name, sub in router.items():
-        if name == "moe_layers":
-            new[name] = {"mlp": {"bias": bias_update(sub["mlp"]["bias"], loads["moe"], gamma)}}
-        elif name.startswith("mtp_"):
-            k = int(name[len("mtp_"):])
-            if loads.get("mtp") is None:  # MTP did not run (sequence too short): nothing to learn from
-                new[name] = sub
-                continue
-            new[name] = {"block": {"mlp": {"bias": bias_update(sub["block"]["mlp"]["bias"], loads["mtp"][k],
-                                                               gamma)}}}
-        else:
-            raise ValueError(f"update_router_bias: unknown router entry {name!r}")
-    return new
+def update_router_bias(router, loads, gamma) -> Any:
+    """``bias_update`` for every bias of the "router" collection, each from the load its own Router module
+    recorded in the "router_load" collection (layers/router.py: the same module path, leaf "load" for "bias"), so
+    no model layout is spelled out here. A bias whose Router did not run (the MTP modules, when the sequence is
+    too short for them) keeps its value; ``make_train_step`` checks that every Router that ran was updated."""
+    loads_by_module = {path[:-1]: v for path, v in traverse_util.flatten_dict(dict(loads)).items()}
+    flat = traverse_util.flatten_dict(dict(router))
+    new = {path: (bias_update(b, loads_by_module[path[:-1]], gamma) if path[:-1] in loads_by_module else b)
+           for path, b in flat.items()}
+    return traverse_util.unflatten_dict(new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss (V3 §2.1.2, §2.2) and metrics
+# ---------------------------------------------------------------------------------------------------------------
+class Normalisers(NamedTuple):
+    """Counts of the WHOLE global batch that every micro-batch's loss terms divide by, so the micro-batch losses
+    add up to the global batch's loss: valid targets of the main head, of each MTP depth [D], and sequences."""
+    tokens: jax.Array
+    mtp_tokens: Optional[jax.Array]
+    sequences: int
+
+
+def balance_loss(aux, alpha, K: int, T: int, n_sequences: int, scope: str = "sequence") -> jax.Array:
+    """L_Bal: alpha * sum_i f_i P_i averaged over every MoE layer (main model and MTP modules) and the global
+    batch's sequences (``losses.sequence_balance_loss``; ``scope="batch"``: ``losses.batch_balance_loss``). MTP
+    depth k's layer sees T - k tokens."""
+    loss_fn = losses.batch_balance_loss if scope == "batch" else losses.sequence_balance_loss
+    groups = []  # (number of layers, their mean loss)
+    if "moe" in aux:
+        groups.append((aux["moe"]["load"].shape[0],
+                       loss_fn(aux["moe"]["seq_counts"], aux["moe"]["seq_probs"], K, T, alpha, n_sequences)))
+    if "mtp" in aux:
+        for k in range(aux["mtp"]["load"].shape[0]):
+            groups.append((1, loss_fn(aux["mtp"]["seq_counts"][k:k + 1], aux["mtp"]["seq_probs"][k:k + 1], K,
+                                      T - k - 1, alpha, n_sequences)))
+    if not groups:
+        return jnp.zeros([], jnp.float32)
+    return sum(n * v for n, v in groups) / sum(n for n, _ in groups)
+
+
+def micro_batch_loss(out, tokens, mask, norm: Normalisers, lam, alpha, K: int, scope: str):
+    """L = CE + L_MTP + L_Bal for one micro-batch (each term divided by the global batch's counts) and the sums
+    the metrics need: (loss, {"ce_sum", "mtp_sums" [D], "mtp_term", "bal_term", "ep_dropped"})."""
+    T = tokens.shape[1] - 1
+    ce_sum, _ = losses.cross_entropy(out.logits, tokens[:, 1:], mask)
+    loss = ce_sum / norm.tokens
+    parts = {"ce_sum": ce_sum}
+    if out.mtp_logits:
+        parts["mtp_sums"] = jnp.stack([losses.cross_entropy(lk, *losses.mtp_targets(tokens, mask, k))[0]
+                                       for k, lk in enumerate(out.mtp_logits, start=1)])
+        parts["mtp_term"] = losses.mtp_loss(out.mtp_logits, tokens, mask, lam, norm.mtp_tokens)
+        loss = loss + parts["mtp_term"]
+    if alpha > 0:
+        parts["bal_term"] = balance_loss(out.aux, alpha, K, T, norm.sequences, scope)
+        loss = loss + parts["bal_term"]
+    dropped = [out.aux[src]["ep_dropped"].sum() for src in ("moe", "mtp") if "ep_dropped" in out.aux.get(src, {})]
+    if dropped:  # expert-parallel runs with a capacity factor (ops/expert_parallel.py)
+        parts["ep_dropped"] = sum(dropped)
+    for src in ("moe", "mtp"):
+        if src in out.aux:
+            parts[f"load_{src}"] = out.aux[src]["load"]
+    return loss, parts
+
+
+def step_metrics(loss, parts, norm: Normalisers, grad_norm, schedules, ok, new_state) -> Dict[str, jax.Array]:
+    """The metrics dict of ``make_train_step`` (documented there) from the summed micro-batch parts."""
+    lr, lam, gamma = schedules
+    zero = jnp.zeros([], jnp.float32)
+    metrics = {
+        "loss": loss, "ce": parts["ce_sum"] / norm.tokens,
+        "mtp_loss": parts.get("mtp_term", zero), "balance_loss": parts.get("bal_term", zero),
+        "grad_norm": grad_norm, "lr": lr, "lambda_": lam, "gamma": gamma,
+        "bias_norm": optax.global_norm(new_state.router) if new_state.router else zero,
+        "tokens": parts["n_tokens"], "nonfinite": (~ok).astype(jnp.float32),
+        "skipped": new_state.skipped.astype(jnp.float32),
+    }
+    if "mtp_sums" in parts:
+        metrics["mtp_ce"] = parts["mtp_sums"] / norm.mtp_tokens
+    if "ep_dropped" in parts:
+        metrics["ep_dropped"] = parts["ep_dropped"].astype(jnp.float32)
+    if "load_moe" in parts:
+        load = parts["load_moe"]
+        metrics["expert_load"] = load / jnp.maximum(load.sum(-1, keepdims=True), 1.0)
+        metrics["max_vio_layers"] = losses.max_vio(load, per_layer=True)
+        metrics["max_vio_batch"] = metrics["max_vio_layers"].mean()
+    if "load_mtp" in parts:
+        load = parts["load_mtp"]
+        metrics["mtp_expert_load"] = load / jnp.maximum(load.sum(-1, keepdims=True), 1.0)
+        metrics["mtp_max_vio"] = losses.max_vio(load, per_layer=True)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,9 +303,10 @@ def _tree_where(ok, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, Dict[str, jax.Array]],
-                                                                   Tuple[TrainState, Dict[str, jax.Array]]]:
+def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callable[
+        [TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
     """``train_step(state, batch) -> (state, metrics)``: pure, jittable (jit it with ``donate_argnums=0``).
+    ``dispatch``: the MoE dispatch strategy (layers/moe.py; parallel/step.py passes the expert-parallel one).
 
     batch: {"tokens": int [n_micro, b, T+1] or [B, T+1], "mask": optional [.., T] (1 = valid target)}.
     metrics (fp32):
@@ -248,60 +324,29 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
                       mesh axis > 1; always 0 with the default dropless buffers)
     """
     validate_train_config(train_cfg)
-    net = model_lib.Transformer(model_cfg)
+    net = model_lib.Transformer(model_cfg, dispatch=dispatch)
     opt = make_optimizer(train_cfg.optim)
     sch = schedules_from_config(train_cfg)
     alpha = float(train_cfg.balance.alpha)
     bias_on = bool(train_cfg.balance.bias_update)
     K = model_cfg.num_experts_per_tok
-    batch_scope = train_cfg.balance.get("scope", "sequence") == "batch"
-
-    def balance_terms(counts, probs, T_):
-        if batch_scope:  # one term per layer, weighted by the micro-batch's sequences (the sum below divides by n_seq)
-            return losses.batch_balance_terms(counts, probs, K, T_) * counts.shape[-2]
-        return losses.sequence_balance_terms(counts, probs, K, T_)
+    scope = train_cfg.balance.get("scope", "sequence")
 
     def train_step(state: TrainState, batch):
         tokens, mask = _micro_batches(batch)
         n_micro, b, T1 = tokens.shape
-        T = T1 - 1
-        D = model_cfg.num_nextn_predict_layers if T > model_cfg.num_nextn_predict_layers else 0
+        D = model_cfg.num_nextn_predict_layers if T1 - 1 > model_cfg.num_nextn_predict_layers else 0
         step = state.step
         lr, lam, gamma = sch.lr(step), sch.lam(step), sch.gamma(step)
-        n_tokens = mask.sum()
-        count = jnp.maximum(n_tokens, 1.0)
-        mtp_counts = jnp.stack([jnp.maximum(mask[..., k:].sum(), 1.0) for k in range(1, D + 1)]) if D else None
-        n_seq = n_micro * b
+        norm = Normalisers(
+            tokens=jnp.maximum(mask.sum(), 1.0),
+            mtp_tokens=jnp.stack([jnp.maximum(mask[..., k:].sum(), 1.0) for k in range(1, D + 1)]) if D else None,
+            sequences=n_micro * b)
 
         def loss_fn(params, tok, m):
-            out = net.apply({"params": params, "router": state.router}, tok[:, :-1])
-            ce_sum, _ = losses.cross_entropy(out.logits, tok[:, 1:], m)
-            loss = ce_sum / count
-            aux = {"ce_sum": ce_sum}
-            if D:
-                mtp_sums = jnp.stack([losses.cross_entropy(lk, *losses.mtp_targets(tok, m, k))[0]
-                                      for k, lk in enumerate(out.mtp_logits, start=1)])
-                mtp_term = lam / D * (mtp_sums / mtp_counts).sum()
-                loss = loss + mtp_term
-                aux["mtp_sums"], aux["mtp_term"] = mtp_sums, mtp_term
-            terms = []
-            if "moe" in out.aux:
-                aux["load_moe"] = out.aux["moe"]["load"]
-                terms.append(balance_terms(out.aux["moe"]["seq_counts"], out.aux["moe"]["seq_probs"], T))
-            if "mtp" in out.aux:
-                aux["load_mtp"] = out.aux["mtp"]["load"]
-                for k in range(out.aux["mtp"]["load"].shape[0]):
-                    terms.append(balance_terms(out.aux["mtp"]["seq_counts"][k:k + 1],
-                                               out.aux["mtp"]["seq_probs"][k:k + 1], T - k - 1))
-            for src in ("moe", "mtp"):  # expert-parallel runs only (ops/expert_parallel.py): rows dropped
-                if "ep_dropped" in out.aux.get(src, {}):
-                    aux["ep_dropped"] = aux.get("ep_dropped", 0) + out.aux[src]["ep_dropped"].sum()
-            if alpha > 0 and terms:
-                n_layers = sum(t.shape[0] for t in terms)
-                bal = alpha * sum(t.sum() for t in terms) / (n_layers * n_seq)
-                loss = loss + bal
-                aux["bal_term"] = bal
-            return loss, aux
+            out, loads = net.apply({"params": params, "router": state.router}, tok[:, :-1], mutable=[LOAD_COLLECTION])
+            loss, parts = micro_batch_loss(out, tok, m, norm, lam, alpha, K, scope)
+            return loss, (parts, loads.get(LOAD_COLLECTION, {}))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -312,8 +357,9 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
             return (g_acc, l_acc + loss), aux
 
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, loss), auxs = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), (tokens, mask))
-        aux = jax.tree_util.tree_map(lambda x: x.sum(0), auxs)  # micro-batch sums: global-batch totals
+        (grads, loss), (parts, loads) = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), (tokens, mask))
+        parts, loads = jax.tree_util.tree_map(lambda x: x.sum(0), (parts, loads))  # global-batch totals
+        parts["n_tokens"] = mask.sum()
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
         grad_norm = optax.global_norm(grads)
@@ -321,42 +367,24 @@ def make_train_step(model_cfg: ModelConfig, train_cfg) -> Callable[[TrainState, 
         new_params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
 
-        loads = {"moe": aux.get("load_moe"), "mtp": aux.get("load_mtp")}
-        new_router = update_router_bias(state.router, loads, gamma) if bias_on else state.router
+        new_router = state.router
+        if bias_on:
+            n_bias, n_load = (len(traverse_util.flatten_dict(dict(t))) for t in (state.router, loads))
+            if D and n_load != n_bias:  # every Router ran: each must have recorded its load
+                raise ValueError(f"update_router_bias: {n_bias} router biases but {n_load} recorded loads")
+            new_router = update_router_bias(state.router, loads, gamma)
         new_state = TrainState(step=step + 1,
                                params=_tree_where(ok, new_params, state.params),
                                opt_state=_tree_where(ok, new_opt_state, state.opt_state),
                                router=_tree_where(ok, new_router, state.router),
                                skipped=state.skipped + (~ok).astype(jnp.int32))
-
-        zero = jnp.zeros([], jnp.float32)
-        metrics = {
-            "loss": loss, "ce": aux["ce_sum"] / count,
-            "mtp_loss": aux.get("mtp_term", zero), "balance_loss": aux.get("bal_term", zero),
-            "grad_norm": grad_norm, "lr": lr, "lambda_": lam, "gamma": gamma,
-            "bias_norm": optax.global_norm(new_state.router) if new_state.router else zero,
-            "tokens": n_tokens, "nonfinite": (~ok).astype(jnp.float32),
-            "skipped": new_state.skipped.astype(jnp.float32),
-        }
-        if D:
-            metrics["mtp_ce"] = aux["mtp_sums"] / mtp_counts
-        if "ep_dropped" in aux:
-            metrics["ep_dropped"] = aux["ep_dropped"].astype(jnp.float32)
-        for prefix, key in (("", "load_moe"), ("mtp_", "load_mtp")):
-            if key in aux:
-                load = aux[key]
-                metrics[prefix + "expert_load"] = load / jnp.maximum(load.sum(-1, keepdims=True), 1.0)
-                per_layer = losses.max_vio(load, per_layer=True)
-                if prefix:
-                    metrics["mtp_max_vio"] = per_layer
-                else:
-                    metrics["max_vio_batch"], metrics["max_vio_layers"] = per_layer.mean(), per_layer
-        return new_state, metrics
+        return new_state, step_metrics(loss, parts, norm, grad_norm, (lr, lam, gamma), ok, new_state)
 
     return train_step
 
 
-def make_eval_step(model_cfg: ModelConfig) -> Callable[[Any, Any, Dict[str, jax.Array]], Dict[str, jax.Array]]:
+def make_eval_step(model_cfg: ModelConfig, dispatch=None) -> Callable[[Any, Any, Dict[str, jax.Array]],
+                                                                       Dict[str, jax.Array]]:
     """``eval_step(params, router, batch) -> sums`` for validation (jittable; the loop adds them up):
 
       ce_sum, count         summed CE of the valid targets and their number (loss = ce_sum / count)
@@ -364,8 +392,8 @@ def make_eval_step(model_cfg: ModelConfig) -> Callable[[Any, Any, Dict[str, jax.
                             losses.max_vio -> MaxVio_global)
       mtp_load [D, E], mtp_ce_sum [D], mtp_count [D]   the same for the MTP modules, when the model has them
       bytes                 sum of batch["target_bytes"] over valid targets, when given (BPB = ce_sum / ln 2 / bytes)
-    batch tokens [B, T+1] or [n, b, T+1] (flattened)."""
-    net = model_lib.Transformer(model_cfg)
+    batch tokens [B, T+1] or [n, b, T+1] (flattened). ``dispatch``: as for ``make_train_step``."""
+    net = model_lib.Transformer(model_cfg, dispatch=dispatch)
 
     def eval_step(params, router, batch):
         tokens, mask = _micro_batches(batch)

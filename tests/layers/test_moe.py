@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import config
-from deepseek_jax.layers import moe
+from deepseek_jax.layers import moe, router
 from deepseek_jax.ops import moe_dispatch
 
 
@@ -54,7 +54,7 @@ def test_router_matches_reference(case):
         cfg = cfg.replace(norm_topk_prob=False, routed_scaling_factor=16.0)
     if case == "single_group":
         cfg = cfg.replace(n_group=1, topk_group=1)
-    w, idx = moe.route(jnp.asarray(scores), jnp.asarray(bias), cfg)
+    w, idx = router.route(jnp.asarray(scores), jnp.asarray(bias), cfg)
     w_ref, idx_ref = route_reference(scores, bias, cfg)
     np.testing.assert_array_equal(np.asarray(idx), idx_ref)
     np.testing.assert_allclose(np.asarray(w), w_ref, rtol=1e-6)
@@ -67,7 +67,7 @@ def test_router_negative_scores_never_pick_masked_groups():
     bias = np.full(16, -5.0, np.float32)
     bias[:4] = -0.5  # group 0 clearly best, others all far below zero
     bias[4:8] = -0.6  # group 1 second
-    _, idx = moe.route(jnp.asarray(scores), jnp.asarray(bias), cfg)
+    _, idx = router.route(jnp.asarray(scores), jnp.asarray(bias), cfg)
     assert np.all(np.asarray(idx) < 8), "an expert from a masked group was selected"
 
 
@@ -77,7 +77,7 @@ def test_bias_changes_selection_not_weights():
     scores = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((16, 16)))), jnp.float32)
     bias = np.zeros(16, np.float32)
     bias[5] = 10.0  # force expert 5 everywhere
-    w, idx = moe.route(scores, jnp.asarray(bias), cfg.replace(norm_topk_prob=False, routed_scaling_factor=1.0))
+    w, idx = router.route(scores, jnp.asarray(bias), cfg.replace(norm_topk_prob=False, routed_scaling_factor=1.0))
     idx = np.asarray(idx)
     assert np.all((idx == 5).any(1))
     rows = np.arange(16)[:, None]
@@ -150,12 +150,12 @@ def test_moe_module_aux_statistics():
     assert y.shape == x.shape
     p = jax.tree_util.tree_map(np.asarray, jax.tree_util.tree_map(lambda a: getattr(a, "value", a), v,
                                                                    is_leaf=lambda a: hasattr(a, "value")))
-    s = 1 / (1 + np.exp(-(np.asarray(x).reshape(-1, cfg.hidden_size) @ p["params"]["router_kernel"])))
-    _, idx = route_reference(s.astype(np.float32), p["router"]["bias"], cfg)
+    s = 1 / (1 + np.exp(-(np.asarray(x).reshape(-1, cfg.hidden_size) @ p["params"]["router"]["kernel"])))
+    _, idx = route_reference(s.astype(np.float32), p["router"]["router"]["bias"], cfg)
     counts = np.stack([np.bincount(idx.reshape(2, -1)[b], minlength=cfg.n_routed_experts) for b in range(2)])
     np.testing.assert_array_equal(np.asarray(aux["seq_counts"]), counts)
     np.testing.assert_array_equal(np.asarray(aux["load"]), counts.sum(0))
     probs = (s / s.sum(-1, keepdims=True)).reshape(2, 6, -1).mean(1)
     np.testing.assert_allclose(np.asarray(aux["seq_probs"]), probs, rtol=1e-5)
     # The bias lives outside "params": a trainer's optimizer never sees it.
-    assert "bias" not in p["params"] and p["router"]["bias"].shape == (cfg.n_routed_experts,)
+    assert "bias" not in p["params"] and p["router"]["router"]["bias"].shape == (cfg.n_routed_experts,)

@@ -57,7 +57,7 @@ def test_specs_follow_the_rules(tables):
     assert v["params/moe_layers/mlp/experts_gate"] == [None, "expert", "fsdp", "tensor"]
     assert v["params/moe_layers/mlp/experts_down"] == [None, "expert", "tensor", "fsdp"]
     # router bias [layers, expert]: sharded like the experts it steers
-    assert v["router/moe_layers/mlp/bias"] == [None, "expert"]
+    assert v["router/moe_layers/mlp/router/bias"] == [None, "expert"]
     # vocab 129280 = 8 * 16160 over tensor, d over fsdp
     assert v["params/embed/embedding"] == ["tensor", "fsdp"]
     assert v["params/lm_head/kernel"] == ["fsdp", "tensor"]
@@ -68,7 +68,7 @@ def test_specs_follow_the_rules(tables):
     assert v["params/dense_layers/attn/q_a_proj/kernel"] == [None, "fsdp"]  # "embed" took fsdp first
     p = tables["fsdp32_expert64"]["variables"]
     assert p["params/moe_layers/mlp/experts_up"] == [None, "expert", "fsdp"]
-    assert p["params/moe_layers/mlp/router_kernel"] == [None, "fsdp", "expert"]
+    assert p["params/moe_layers/mlp/router/kernel"] == [None, "fsdp", "expert"]
 
 
 def test_bad_logical_axis_and_mesh_raise():

@@ -89,7 +89,7 @@ def _opt_cfg(**kw):
 # a params tree shaped like the model's: scanned norm gains are 2-D, kernels 3-D
 PARAMS = {
     "embed": {"embedding": jnp.ones((16, 8))},
-    "moe_layers": {"attn_norm": {"scale": jnp.ones((2, 8))}, "mlp": {"router_kernel": jnp.ones((2, 8, 4)),
+    "moe_layers": {"attn_norm": {"scale": jnp.ones((2, 8))}, "mlp": {"router": {"kernel": jnp.ones((2, 8, 4))},
                                                                       "experts_up": jnp.ones((2, 4, 8, 3))}},
     "final_norm": {"scale": jnp.ones((8,))},
     "lm_head": {"kernel": jnp.ones((8, 16))},
@@ -103,7 +103,7 @@ def test_decay_mask_on_model_params(tiny_variables):
         leaf_is_norm = name.endswith("['scale']")
         assert m == (not leaf_is_norm), name
     assert mask["embed"]["embedding"] and mask["lm_head"]["kernel"]
-    assert mask["moe_layers"]["mlp"]["router_kernel"] and mask["moe_layers"]["mlp"]["experts_gate"]
+    assert mask["moe_layers"]["mlp"]["router"]["kernel"] and mask["moe_layers"]["mlp"]["experts_gate"]
     assert not mask["moe_layers"]["attn_norm"]["scale"] and not mask["mtp_0"]["enorm"]["scale"]
     # the optimizer only ever sees params: no router bias in its state
     opt_state = jax.eval_shape(O.make_optimizer(_opt_cfg()).init, tiny_variables["params"])
@@ -122,7 +122,7 @@ def test_weight_decay_applied_by_mask():
     new = jax.jit(lambda z, s, p: optax.apply_updates(p, opt.update(z, s, p, step=0)[0]))(zeros, state, PARAMS)
     np.testing.assert_array_equal(new["final_norm"]["scale"], 1.0)
     np.testing.assert_array_equal(new["moe_layers"]["attn_norm"]["scale"], 1.0)
-    for leaf in (new["embed"]["embedding"], new["lm_head"]["kernel"], new["moe_layers"]["mlp"]["router_kernel"],
+    for leaf in (new["embed"]["embedding"], new["lm_head"]["kernel"], new["moe_layers"]["mlp"]["router"]["kernel"],
                  new["moe_layers"]["mlp"]["experts_up"]):
         np.testing.assert_allclose(leaf, 1 - lr * wd, rtol=1e-6)
     with pytest.raises(ValueError, match="step"):

@@ -109,17 +109,20 @@ def test_bias_update_from_global_batch_loads(setup, micro_and_big):
     s_micro, *_ = micro_and_big
     _, ev = _eval_halves(eval_step, state.params, state.router, tokens)
     loads = {"moe": ev["load"], "mtp": ev["mtp_load"]}
-    expect = update_router_bias(state.router, loads, GAMMA)
+    # the "router_load" tree each Router records at its own module path (layers/router.py)
+    recorded = {"moe_layers": {"mlp": {"router": {"load": ev["load"]}}},
+                "mtp_0": {"block": {"mlp": {"router": {"load": ev["mtp_load"][0]}}}}}
+    expect = update_router_bias(state.router, recorded, GAMMA)
     for a, b in zip(_leaves(s_micro.router), _leaves(expect)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-9)
-    old = state.router["moe_layers"]["mlp"]["bias"]
-    delta = np.asarray(s_micro.router["moe_layers"]["mlp"]["bias"] - old)
+    old = state.router["moe_layers"]["mlp"]["router"]["bias"]
+    delta = np.asarray(s_micro.router["moe_layers"]["mlp"]["router"]["bias"] - old)
     np.testing.assert_allclose(np.abs(delta[delta != 0]), GAMMA, rtol=1e-6)
     load = np.asarray(loads["moe"])
     for layer in range(load.shape[0]):
         assert delta[layer, load[layer].argmax()] == pytest.approx(-GAMMA)   # over-loaded expert goes down
         assert delta[layer, load[layer].argmin()] == pytest.approx(GAMMA)    # under-loaded goes up
-    mtp_bias = lambda r: r["mtp_0"]["block"]["mlp"]["bias"]
+    mtp_bias = lambda r: r["mtp_0"]["block"]["mlp"]["router"]["bias"]
     mtp_delta = np.asarray(mtp_bias(s_micro.router) - mtp_bias(state.router))
     np.testing.assert_allclose(mtp_delta, GAMMA * np.sign(loads["mtp"][0].mean() - loads["mtp"][0]), atol=1e-9)
 
@@ -136,8 +139,12 @@ def test_bias_update_rule():
     # sign is not additive: global loads (6, 3, 6, 9) give (0, +, 0, -), the sum of per-micro signs would not
     micro = jnp.array([[[5.0, 1.0, 3.0, 3.0]], [[1.0, 2.0, 3.0, 6.0]]])
     np.testing.assert_allclose(bias_update(b[:1], micro.sum(0), 1.0), [[0.0, 1.0, 0.0, -1.0]])
-    with pytest.raises(ValueError, match="unknown router entry"):
-        update_router_bias({"other": {}}, {"moe": load}, 0.1)
+    # any model layout: each bias is paired with the load recorded at its own module path; a Router that did
+    # not run (no recorded load) keeps its bias
+    router = {"a": {"router": {"bias": b}}, "x": {"y": {"router": {"bias": b[0] + 1.0}}}}
+    new = update_router_bias(router, {"a": {"router": {"load": load}}}, 0.001)
+    np.testing.assert_allclose(new["a"]["router"]["bias"], [[-0.001, 0, 0, 0.001], [0, 0, 0, 0]], atol=0)
+    np.testing.assert_array_equal(new["x"]["y"]["router"]["bias"], 1.0)
 
 
 def test_nonfinite_step_is_skipped(setup, tiny_variables):
