@@ -41,7 +41,7 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attentio
 PROMPT_LEN = 16
 
 
-from deepseek_jax.metrics import bench_machine, git_rev, loadavg, machine_lines, write_result_files  # noqa: E402
+from deepseek_jax.provenance import git_rev, loadavg, machine, machine_lines, write_result_files
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -156,10 +156,10 @@ def main(argv=None):
     print()
     print(table)
     if args.write:
-        machine = bench_machine(load_before, load_after, torch=torch.__version__,
+        machine_rec = machine(load_before, load_after, torch=torch.__version__,
                                 torch_threads=torch.get_num_threads(), transformers=transformers.__version__)
         rev = git_rev()
-        out = {"command": cmd, "date": date, "git": rev, "machine": machine, "shape": SHAPE, "rows": rows,
+        out = {"command": cmd, "date": date, "git": rev, "machine": machine_rec, "shape": SHAPE, "rows": rows,
                "rounds": args.rounds, "transformers_attn_implementation": attn_impl,
                "mha_cache_bytes_per_token_per_layer_fp32": per_layer_mha}
         md = [
@@ -186,7 +186,7 @@ def main(argv=None):
             f"x 4 = {cfg.num_attention_heads} x ({cfg.qk_head_dim} + {cfg.v_head_dim}) x 4 = {per_layer_mha} "
             f"bytes per token per layer in fp32; ours holds (kv_lora_rank + qk_rope_head_dim) x 4 = "
             f"({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x 4 (DeepSeek-V3: 576 numbers vs 40,960)",
-            *machine_lines(machine),
+            *machine_lines(machine_rec),
             "",
             table,
             "",

@@ -24,14 +24,9 @@ exactly N*K/E rows. Each dispatch's output and grads are checked against `dense`
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
@@ -39,10 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from deepseek_jax import config as ds_config
-from deepseek_jax.metrics import write_result_files
+from deepseek_jax.provenance import command_line, git_rev, machine, utc_now, write_result_files
 from deepseek_jax.layers import moe
 from deepseek_jax.ops import moe_dispatch
 
@@ -76,27 +70,9 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------------------------
 def machine_info():
-    from deepseek_jax.metrics import cpu_model
-    cpu = cpu_model()
-    try:
-        git = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "deepseek_jax/layers/moe.py",
-                                "deepseek_jax/config.py", "benchmarks/bench_moe_dispatch.py"],
-                               capture_output=True, text=True).stdout.strip()
-        git += "+dirty" if dirty else ""
-    except OSError:
-        git = "unknown"
-    import jaxlib
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-        "git": git,
-        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version(),
-        "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-        "cpu_model": cpu, "os_cpu_count": os.cpu_count(),
+        "date_utc": utc_now(), "command": command_line(), "git": git_rev(dirty=True), **machine(),
         "threads_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "moe_tile_size_default": ds_config.ModelConfig.__dataclass_fields__["moe_tile_size"].default,
         "loadavg_start": os.getloadavg(),
     }
@@ -289,8 +265,8 @@ def render(info, rows):
         f"- baseline: ONE `{info['baseline']}` (same FLOPs), {info['baseline_ms_calibration']:.1f} ms "
         f"= {info['baseline_gflops']:.0f} GFLOP/s at calibration; other equal-FLOP GEMM shapes (ms, 3 reps): "
         + ", ".join(f"{k} {v:.0f}" for k, v in info["equal_flop_gemm_ms"].items()),
-        f"- machine: {info['cpu_model']}, {info['threads_available']} threads available "
-        f"(os.cpu_count={info['os_cpu_count']}), backend {info['backend']}; "
+        f"- machine: {info['cpu']}, {info['threads_available']} threads available "
+        f"(os.cpu_count={info['cores']}), backend {info['backend']}; "
         f"load average at start {info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}",
         f"- jax {info['jax']}, jaxlib {info['jaxlib']}, python {info['python']}, XLA_FLAGS='{info['XLA_FLAGS']}', "
         f"config default moe_tile_size={info['moe_tile_size_default']}",

@@ -47,7 +47,8 @@ BATCH, SEQ = 8, 256
 TOKENS = BATCH * SEQ
 
 
-from deepseek_jax.metrics import bench_machine, git_rev, loadavg, machine_lines, time_calls, write_result_files  # noqa: E402
+from benchmarks.common import time_calls
+from deepseek_jax.provenance import git_rev, loadavg, machine, machine_lines, write_result_files
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -289,10 +290,10 @@ def main(argv=None):
     print(roofline)
 
     if args.write:
-        machine = bench_machine(load_before, load_after, torch=torch.__version__,
+        machine_rec = machine(load_before, load_after, torch=torch.__version__,
                                 torch_threads=torch.get_num_threads(), transformers=transformers.__version__)
         rev = git_rev()
-        out = {"command": cmd, "date": date, "git": rev, "machine": machine, "shape": {**SHAPE, "batch": BATCH,
+        out = {"command": cmd, "date": date, "git": rev, "machine": machine_rec, "shape": {**SHAPE, "batch": BATCH,
                "seq": SEQ, "tokens_per_step": TOKENS}, "peak": peak, "flops": fl_info,
                "flops_mtp": contenders[1][3]["flops"] if args.mtp else None, "rows": rows,
                "steps": args.steps, "warmup": args.warmup, "breakdown_ms": breakdown, "goal": goal}
@@ -310,7 +311,7 @@ def main(argv=None):
             f"transformers row), AdamW(betas (0.9, 0.95), "
             f"wd 0.1), clip_grad_norm_ 1.0, {torch.get_num_threads()} threads; params {hf_info['total_params']:,} "
             f"(ours {fl_info['total_params']:,})",
-            *machine_lines(machine, note=(
+            *machine_lines(machine_rec, note=(
                 " (busy before the run: another job was running, so timings are noisy)"
                 if load_before[0] > 0.75 * (os.cpu_count() or 1) else
                 " (quiet before the run; the benchmark's own threads raise the load while it runs)")),

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from deepseek_jax.ops import fp8, fp8_pallas  # noqa: E402
-from deepseek_jax.metrics import time_calls  # noqa: E402
+from benchmarks.common import time_calls  # noqa: E402
 from experiments.fp8_common import provenance, provenance_md, write_json, write_text  # noqa: E402
 
 M_BENCH = 4096

@@ -27,6 +27,10 @@ import sys
 import time
 
 
+from benchmarks.common import time_calls
+from deepseek_jax.provenance import loadavg, machine, machine_lines, write_result_files
+
+
 def step_costs(generate, cfg, variables, cache_len, reps=50):
     """Median ms of one jitted main-model decode step with T=1 (plain) and T=2 (verify) tokens, and of one MTP
     step with T=2, each with the MoE dispatch generate.py uses for it: where the speed-up goes."""
@@ -34,7 +38,6 @@ def step_costs(generate, cfg, variables, cache_len, reps=50):
     import jax.numpy as jnp
     import numpy as np
 
-    from deepseek_jax.metrics import time_calls
     from deepseek_jax.model import Transformer
 
     cache, mcache = generate.init_cache(cfg, 1, cache_len), generate.init_mtp_cache(cfg, 1, cache_len)
@@ -67,7 +70,6 @@ def main(argv=None):
 
     from deepseek_jax import data as data_lib
     from deepseek_jax import generate
-    from deepseek_jax.metrics import bench_machine, loadavg, machine_lines, write_result_files
 
     load_before = loadavg()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -138,8 +140,8 @@ def main(argv=None):
         cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
         summ_path = os.path.join(args.run, "summary.json")
         run_summary = json.load(open(summ_path)) if os.path.exists(summ_path) else {}
-        machine = bench_machine(load_before, load_after)
-        out = {"command": cmd, "date": date, "machine": machine, "run": os.path.abspath(args.run), "step": step,
+        machine_rec = machine(load_before, load_after)
+        out = {"command": cmd, "date": date, "machine": machine_rec, "run": os.path.abspath(args.run), "step": step,
                "run_code_version": run_summary.get("code_version"), "run_validation": run_summary.get("validation"),
                "model_config": cfg.to_dict(), "settings": vars(args), "compile_s": compile_s, "summary": summary,
                "step_ms": step_ms,
@@ -160,7 +162,7 @@ def main(argv=None):
             "step (deepseek_jax/generate.py); outputs checked identical to plain greedy decoding for every prompt",
             f"- timing: compile excluded; per prompt, {args.rounds} rounds alternating plain and speculative, "
             "median; totals = all tokens / sum of per-prompt medians",
-            *machine_lines(machine),
+            *machine_lines(machine_rec),
             "",
             f"**Acceptance rate {acc:.3f}** ({sum(r['drafts_accepted'] for r in rows)} of "
             f"{sum(r['verify_steps'] for r in rows)} drafts); {tokens} tokens in "

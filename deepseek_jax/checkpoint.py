@@ -26,6 +26,42 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class CheckpointLayoutError(CheckpointError):
+    """The checkpoint's params/router tree is not this model's: no earlier step can do better, so no fallback."""
+
+
+# Variable paths renamed by layout changes, (old suffix, new suffix): docs/checkpoint_format.md "Parameter paths".
+RENAMED_PATHS = (("mlp/router_kernel", "mlp/router/kernel"), ("mlp/bias", "mlp/router/bias"))
+
+
+def _paths(tree) -> set:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p) for p, _ in leaves}
+
+
+def check_layout(saved_state, abstract_state, where: str) -> None:
+    """Compare the saved state's "params" / "router" trees with ``abstract_state``'s (a TrainState or dict):
+    CheckpointLayoutError naming the new path when a variable was renamed by a layout change (RENAMED_PATHS),
+    CheckpointError naming missing / unexpected paths for any other difference."""
+    for col in ("params", "router"):
+        saved = _paths({col: saved_state.get(col, {})}) if isinstance(saved_state, dict) else set()
+        want = _paths({col: abstract_state.get(col, {}) if isinstance(abstract_state, dict)
+                       else getattr(abstract_state, col, {})})
+        missing, unexpected = sorted(want - saved), sorted(saved - want)
+        if not missing and not unexpected:
+            continue
+        for old, new in RENAMED_PATHS:
+            for p in unexpected:
+                if p.endswith(old) and p[:-len(old)] + new in missing:
+                    raise CheckpointLayoutError(
+                        f"{where}: written by an older version of deepseek_jax: {p} is now {p[:-len(old)] + new} "
+                        f"(docs/checkpoint_format.md); export it with that version (hf.save_pretrained) and load "
+                        f"the safetensors with hf.load_pretrained")
+        if saved:  # (unreadable metadata reads as empty: the restore itself then fails and is reported)
+            raise CheckpointError(f"{where}: the checkpoint's {col} do not match this model: missing "
+                                  f"{missing[:3]}, unexpected {unexpected[:3]}")
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
@@ -45,6 +81,8 @@ class Checkpointer:
         self._mngr.wait_until_finished()
 
     def restore(self, step: int, abstract_state: Any) -> Tuple[Any, Dict, Dict]:
+        saved = self._mngr.item_metadata(int(step))["state"]
+        check_layout(getattr(saved, "tree", saved), abstract_state, os.path.join(self.directory, str(step)))
         out = self._mngr.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
@@ -57,6 +95,8 @@ class Checkpointer:
             try:
                 state, data, meta = self.restore(step, abstract_state)
                 return step, state, data, meta
+            except CheckpointLayoutError:
+                raise
             except Exception as e:  # corrupt or partial: fall back to the previous step
                 warnings.warn(f"checkpoint {os.path.join(self.directory, str(step))} could not be restored "
                               f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous one")

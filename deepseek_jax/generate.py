@@ -53,8 +53,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import hf
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.data.tokenizer import get_tokenizer
 from deepseek_jax.layers.attention import init_layer_cache
+from deepseek_jax.layers.linear import Dense
+from deepseek_jax.layers.mtp import MTPModule
+from deepseek_jax.model import Block, Embed, Transformer, check_tokens, unstack_cache, unstack_layers
+from deepseek_jax.ops.moe_dispatch import resolve_dispatch
 
 PAD_OUT = -1  # fills the output buffer after a row has stopped (never a valid token id)
 
@@ -143,7 +149,6 @@ def sample_logits(logits_bv: jax.Array, rng: jax.Array, temperature: float = 0.0
 # --------------------------------------------------------------------------------------------------------------
 def _check_prompts(cfg: ModelConfig, prompts, max_new_tokens: int, max_len: Optional[int]):
     """-> (list of int32 arrays, max_len). ValueError naming the prompt for every bad input."""
-    from deepseek_jax.model import check_tokens
 
     if isinstance(prompts, (str, bytes)):
         raise ValueError("prompts: token ids expected, got text (tokenize it first)")
@@ -201,8 +206,6 @@ def _step_cfg(cfg: ModelConfig, tokens_per_step: int) -> ModelConfig:
     not feed a dynamic slice to a matmul in place): about half of the step. Batch 1 (session 2, loaded machine,
     one step): gather 3-4 ms, 8-row tiles 6 ms. Same parameters and the same function: the dispatch only changes
     how rows meet their experts' weights. An explicit non-auto dispatch is kept."""
-    from deepseek_jax.ops.moe_dispatch import resolve_dispatch
-
     if cfg.moe_dispatch != "auto" or resolve_dispatch("auto") != "sorted_tiles":
         return cfg
     if tokens_per_step * cfg.num_experts_per_tok <= GATHER_MAX_ROWS:
@@ -237,7 +240,6 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
             max_new_tokens: int, sampling: Sampling, return_logits: bool, dot_general=None):
     """Prefill (naive) + while_loop of absorbed decode steps. Returns (tokens [B, N] (PAD_OUT after a row
     stopped), counts [B], logits [B, N, V] or None). limits_b: new tokens allowed per row."""
-    from deepseek_jax.model import Transformer, unstack_cache, unstack_layers
 
     B, P = tokens_bp.shape
     net, step_net = Transformer(cfg, dot_general), Transformer(_step_cfg(cfg, B), dot_general, stacked=False)
@@ -326,9 +328,6 @@ def _mtp_apply(cfg: ModelConfig, variables, hidden_btd, next_tokens_bt, position
                dot_general=None):
     """The first MTP module on a cache: (h_i, Emb(t_{i+1})) at positions i -> (logits for t_{i+2} [B, T, V],
     its updated cache). Applied with the module's own parameter subtrees (embedding and head are shared)."""
-    from deepseek_jax.layers.linear import Dense
-    from deepseek_jax.layers.mtp import MTPModule
-    from deepseek_jax.model import Block, Embed
 
     params, router = variables["params"], variables.get("router", {})
     emb = Embed(cfg).apply({"params": params["embed"]}, next_tokens_bt)
@@ -347,7 +346,6 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
     """tokens_1p: the prompt right-padded to P; length: its true length L. Returns (tokens [N + 1] (PAD_OUT past
     the end), count, verify steps, accepted drafts, drafts [N + 1]: drafts[j] is the MTP draft verified for new
     token j, PAD_OUT where none was). The verify step writes slots p, p + 1 <= L + limit - 1 < cache_len."""
-    from deepseek_jax.model import Transformer, unstack_cache, unstack_layers
 
     step_cfg = _step_cfg(cfg, 2)  # verify: [pending token, draft]; the MTP step: the same two positions
     net, step_net = Transformer(cfg, dot_general), Transformer(step_cfg, dot_general, stacked=False)
@@ -474,7 +472,6 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", help="compute dtype (--hf: also the parameter dtype)")
     args = ap.parse_args(argv)
 
-    from deepseek_jax.data.tokenizer import get_tokenizer
 
     if args.checkpoint:
         cfg, variables, tok_spec, step = load_run(args.checkpoint, args.step)
@@ -482,7 +479,6 @@ def main(argv=None) -> int:
         tok_spec = args.tokenizer or tok_spec
         print(f"loaded {args.checkpoint} step {step}", file=sys.stderr)
     else:
-        from deepseek_jax import hf
         cfg, variables = hf.load_pretrained(args.hf, dtype=args.dtype)
         tok_spec = args.tokenizer or args.hf
         if args.tokenizer is None and not os.path.isfile(os.path.join(args.hf, "tokenizer.json")):

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import shlex
-import sys
 
-import jax
+from deepseek_jax import provenance as provenance_lib
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fp8")
 
 
 def provenance() -> dict:
-    from deepseek_jax.metrics import cpu_model, git_rev
-    code = git_rev(os.path.dirname(RESULTS), dirty=False)
-    return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "jax": jax.__version__,
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "code_version": code, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {"command": provenance_lib.command_line(), **provenance_lib.machine(),
+            "code_version": provenance_lib.git_rev(dirty=True), "date_utc": provenance_lib.utc_now()}
 
 
 def write_json(name: str, obj: dict) -> str:

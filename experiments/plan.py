@@ -41,10 +41,8 @@ sharding of everything (parameters, moments, gradients) instead.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
 import re
 import shlex
 import sys
@@ -58,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from deepseek_jax import config as config_lib
 from deepseek_jax import model as model_lib
-from deepseek_jax.metrics import cpu_model, git_rev, write_result_files
+from deepseek_jax.provenance import git_rev, machine, utc_now, write_result_files
 from deepseek_jax.ops import expert_parallel
 from deepseek_jax import sharding
 from deepseek_jax.parallel import step as sharded
@@ -249,7 +247,7 @@ def _md(r: Dict[str, Any], command: str, machine: Dict[str, Any]) -> str:
     lines = [
         f"# Plan: {r['preset']} on {r['devices']} devices ({', '.join(f'{k} {v}' for k, v in r['mesh'].items())})",
         "", f"Command: `{command}`", "",
-        f"Machine that lowered it: {machine['cpu']} ({machine['cpu_count']} cores), jax {machine['jax']}, "
+        f"Machine that lowered it: {machine['cpu']} ({machine['cores']} cores), jax {machine['jax']}, "
         f"{machine['date']}; code {machine['code_version']}. Lowered for cuda on an AbstractMesh in "
         f"{r['lower_seconds']} s, nothing allocated.", "",
         f"Batch: {r['global_batch_sequences']} sequences x {r['seq_len']} tokens per step, micro-batch "
@@ -312,13 +310,11 @@ def main(argv=None):
     r = plan(args.config, args.mesh, args.seq_len, args.micro_batch, args.global_batch, args.remat,
              args.ep_capacity_factor, args.attn_chunk)
     code = git_rev(dirty=False)
-    machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-               "platform": platform.platform(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
-               "code_version": code}
+    machine_rec = {**machine(), "date": utc_now(), "code_version": code}
     command = "python -m experiments.plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                   else sys.argv[1:]))
-    r["command"], r["machine"] = command, machine
-    md = _md(r, command, machine)
+    r["command"], r["machine"] = command, machine_rec
+    md = _md(r, command, machine_rec)
     print(md)
     if args.write:
         suffix = "" if args.ep_capacity_factor is None else f"_cf{args.ep_capacity_factor:g}"

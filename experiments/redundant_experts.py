@@ -19,17 +19,14 @@ the quickstart model has 32 experts, so 32 + 4 copies on 4 devices = 9 per devic
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 
-import jax
 import numpy as np
 
-from deepseek_jax.metrics import cpu_model, write_result_files
+from deepseek_jax.provenance import machine, utc_now, write_result_files
 from deepseek_jax.parallel import placement
 
 SHAPES = ((4, 4), (8, 8))  # (devices, redundant copies)
@@ -97,12 +94,11 @@ def main(argv=None):
     E = len(records[0]["expert_load"][0])
     command = "python -m experiments.redundant_experts " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-               "platform": platform.platform(), "date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")}
+    machine_rec = {**machine(), "date": utc_now()}
     lines = [
         "# Redundant experts on measured loads", "",
-        f"Command: `{command}`  ", f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), jax {machine['jax']}, "
-        f"{machine['date']}.  ",
+        f"Command: `{command}`  ", f"Machine: {machine_rec['cpu']} ({machine_rec['cores']} cores), jax {machine_rec['jax']}, "
+        f"{machine_rec['date']}.  ",
         f"Loads: `{args.metrics}` ({len(records)} logged steps, {E} experts per layer, main + MTP MoE layers), "
         f"from run {run}.", "",
         "Imbalance = max device load / mean device load, averaged over (logged step, layer). Before: expert e on "
@@ -120,7 +116,7 @@ def main(argv=None):
     print(md)
     if args.write:
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "redundant_experts")
-        write_result_files(out, {"command": command, "machine": machine, "run": run, "summary": summary,
+        write_result_files(out, {"command": command, "machine": machine_rec, "run": run, "summary": summary,
                                  "rows": rows}, md)
 
 

@@ -87,14 +87,6 @@ def comparable(cfg) -> Dict[str, Any]:
     return _comparable(cfg)
 
 
-def missing_fields(mod, arm: str) -> List[str]:
-    """ModelConfig fields an arm needs that this checkout does not have (e.g. fp8 before the FP8 work lands)."""
-    import dataclasses
-    from deepseek_jax.config import ModelConfig
-    have = {f.name for f in dataclasses.fields(ModelConfig)}
-    return [f for f in getattr(mod, "REQUIRES_MODEL_FIELDS", {}).get(arm, ()) if f not in have]
-
-
 def run_dir(results_root: str, experiment: str, arm: str, seed: int) -> str:
     return os.path.join(results_root, experiment, "runs", arm, f"seed{seed}")
 
@@ -121,19 +113,14 @@ def inprocess_runner(cfg, cmd, timeout) -> None:
 def run_experiment(mod, arms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
                    results_root: str = RESULTS, runner: Callable = subprocess_runner, rerun_stale: bool = False,
                    timeout: Optional[float] = None, log: Callable = print) -> Dict[str, List]:
-    """Run every (arm, seed) not already finished; returns {"ran", "skipped", "unavailable"} lists."""
+    """Run every (arm, seed) not already finished; returns {"ran", "skipped"} lists."""
     arms = list(arms or mod.ARMS)
     seeds = list(seeds if seeds is not None else mod.SEEDS)
     for a in arms:
         if a not in mod.ARMS:
             raise SweepError(f"unknown arm {a!r} of {mod.EXPERIMENT}; arms: {list(mod.ARMS)}")
-    plan, stale, done = [], [], {"ran": [], "skipped": [], "unavailable": []}
+    plan, stale, done = [], [], {"ran": [], "skipped": []}
     for arm in arms:
-        missing = missing_fields(mod, arm)
-        if missing:
-            log(f"[{mod.EXPERIMENT}] arm {arm}: not available in this checkout (ModelConfig lacks {missing})")
-            done["unavailable"].append(arm)
-            continue
         for seed in seeds:
             cfg = mod.get_config(f"{arm},seed={seed}")
             rd = run_dir(results_root, mod.EXPERIMENT, arm, seed)
@@ -452,9 +439,7 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
             if v is None:
                 have = {a: s["n"] for a, s in stats.items()}
                 arms = [claim["a"], claim["b"]] if "a" in claim else list(mod.ARMS)
-                unavailable = [a for a in arms if missing_fields(mod, a)]
-                why = (f"arm(s) {unavailable} need ModelConfig fields this checkout lacks" if unavailable else
-                       f"seeds so far: {({a: have.get(a, 0) for a in arms})}")
+                why = f"seeds so far: {({a: have.get(a, 0) for a in arms})}"
                 cmd = _sweep_command(mod) + ("" if "a" not in claim else f" --arms {','.join(arms)}")
                 row = (claim["claim"], claim["paper"], "not run yet", "not run yet", f"{why}; run `{cmd}`")
             else:
@@ -523,8 +508,7 @@ def main(argv=None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
             arms = args.arms.split(",") if args.arms else None
             res = run_experiment(mod, arms, seeds, rerun_stale=args.rerun_stale, timeout=args.timeout)
-            print(f"[{mod.EXPERIMENT}] ran {len(res['ran'])}, skipped {len(res['skipped'])} finished, "
-                  f"unavailable arms {res['unavailable']}")
+            print(f"[{mod.EXPERIMENT}] ran {len(res['ran'])}, skipped {len(res['skipped'])} finished")
         mods = [load_experiment(e) for e in EXPERIMENTS]
         if args.experiment and args.experiment.endswith(".py"):
             mods.append(load_experiment(args.experiment))

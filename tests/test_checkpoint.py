@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from deepseek_jax.checkpoint import Checkpointer, CheckpointError, CheckpointLayoutError, abstract_like
 
 
 def _state(seed):
@@ -54,3 +54,24 @@ def test_nothing_restorable_raises_and_empty_is_none(tmp_path):
     shutil.rmtree(tmp_path / "ck" / "5" / "state")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="could be restored"):
         Checkpointer(str(tmp_path / "ck")).restore_latest(abstract_like(_state(0)))
+
+
+def test_old_router_layout_is_refused_naming_the_renamed_path(tmp_path):
+    """A state saved before the Router module (params .../mlp/router_kernel, router .../mlp/bias) is refused with
+    an error naming the new path, and no older step is tried (they share the layout)."""
+    def state(new_layout):
+        k = jnp.ones((2, 4, 3))
+        mlp_p = {"router": {"kernel": k}} if new_layout else {"router_kernel": k}
+        mlp_r = {"router": {"bias": jnp.zeros((2, 3))}} if new_layout else {"bias": jnp.zeros((2, 3))}
+        return {"params": {"moe_layers": {"mlp": mlp_p}}, "router": {"moe_layers": {"mlp": mlp_r}},
+                "step": jnp.array(0, jnp.int32)}
+    ck = Checkpointer(str(tmp_path / "ck"))
+    ck.save(1, state(False), {}, {})
+    ck.save(2, state(False), {}, {})
+    with pytest.raises(CheckpointLayoutError, match="params/moe_layers/mlp/router_kernel is now "
+                                                    "params/moe_layers/mlp/router/kernel"):
+        Checkpointer(str(tmp_path / "ck")).restore_latest(abstract_like(state(True)))
+    # the new layout round-trips
+    ck2 = Checkpointer(str(tmp_path / "ck2"))
+    ck2.save(1, state(True), {}, {})
+    _equal(ck2.restore_latest(abstract_like(state(True)))[1], state(True))

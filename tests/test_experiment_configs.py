@@ -18,8 +18,6 @@ def test_every_arm_builds(name):
     mod = sweep.load_experiment(name)
     assert len(mod.SEEDS) >= 3 and mod.CLAIMS
     for arm in mod.ARMS:
-        if sweep.missing_fields(mod, arm):
-            continue
         cfg = mod.get_config(f"{arm},seed=2")
         assert cfg.loop.seed == 2 and cfg.data.seed == 2 and cfg.loop.out_dir.endswith(f"{name}/{arm}/seed2")
         base.arm_model_config(cfg)  # ModelConfig validates the arm's overrides

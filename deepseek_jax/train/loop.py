@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -50,8 +49,11 @@ import numpy as np
 from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax import generate as generate_lib
+from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
-from deepseek_jax.metrics import MetricsWriter, bits_per_byte, cpu_model, git_rev, read_jsonl, truncate_jsonl
+from deepseek_jax.parallel import step as sharded
+from deepseek_jax.metrics import MetricsWriter, bits_per_byte, read_jsonl, truncate_jsonl
+from deepseek_jax.provenance import git_rev, machine
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import batch_size_at
 from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step
@@ -68,13 +70,11 @@ class RunError(RuntimeError):
 
 def _code_version() -> str:
     """git HEAD of the code that runs, with "+dirty" when tracked files differ from it (uncommitted changes)."""
-    return git_rev(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), dirty=True)
+    return git_rev(dirty=True)
 
 
 def machine_info() -> Dict[str, Any]:
-    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-            "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()]}
+    return machine()
 
 
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> Dict[str, Any]:
@@ -143,8 +143,6 @@ def _parallel(cfg, plan):
     spec = cfg.loop.get("mesh", "") or ""
     if not spec:
         return None, None
-    from deepseek_jax import sharding
-    from deepseek_jax.parallel import step as sharded
     try:
         n_dev = math.prod(sharding.mesh_shape(spec).values())
         # one process may use the first n of its devices; a multi-process mesh spans every device of the job
@@ -288,8 +286,6 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
         train_step = jax.jit(make_train_step(mcfg, tc), donate_argnums=0)
         eval_step = jax.jit(make_eval_step(mcfg))
     else:
-        from deepseek_jax import sharding
-        from deepseek_jax.parallel import step as sharded
         state = sharded.init_sharded_state(mcfg, tc, mesh, jax.random.PRNGKey(cfg.loop.seed), cfg.data.seq_len)
         train_step = sharded.shard_train_step(mcfg, tc, mesh, ep_capacity_factor=ep_cf)
         eval_step = sharded.shard_eval_step(mcfg, mesh, ep_capacity_factor=ep_cf)

@@ -15,7 +15,6 @@ ARMS = {
     "bf16": {"model.overrides.dtype": "bfloat16"},
     "fp8": {"model.overrides.dtype": "bfloat16", "model.overrides.fp8": True},
 }
-REQUIRES_MODEL_FIELDS = {"fp8": ("fp8",)}  # arm -> ModelConfig fields it needs
 PAPER_ARMS = ARMS  # ``<arm>,scale=paper``: the same diffs over base.paper_base_config (the 15.7B MoE)
 CLAIMS = [
     dict(id="loss_fp8_vs_bf16", metric="loss", a="fp8", b="bf16", expect="rel_within", tol=0.0025,
