@@ -199,13 +199,9 @@ def _step_cfg(cfg: ModelConfig, tokens_per_step: int) -> ModelConfig:
     """The config of the decode-step modules. A step routes only B * T * top-k rows, so on CPU (where "auto" means
     sorted_tiles) the default 128-row tile would be mostly padding (one tile per used expert): steps routing at
     most GATHER_MAX_ROWS rows gather each row's expert weights instead (moe_dispatch.dispatch_gather), larger ones use
-    8-row tiles. Measured on the benchmarks/bench_decode.py model (CPU, 256-step decode loops with real routing,
-    per-layer weights, shared 2-core machine, session 3; two runs): batch 8, 8-row tiles 7.6 / 9.5 ms per step,
-    every expert on every row ("dense") 10.3 / 11.0, gather 11.6 (second run only). At batch 8 the 32 routed rows hit ~20
-    of 32 experts, and each used expert's weights are copied out of the [E, d, F] stack per tile (XLA:CPU does
-    not feed a dynamic slice to a matmul in place): about half of the step. Batch 1 (session 2, loaded machine,
-    one step): gather 3-4 ms, 8-row tiles 6 ms. Same parameters and the same function: the dispatch only changes
-    how rows meet their experts' weights. An explicit non-auto dispatch is kept."""
+    8-row tiles: on CPU, at decode batch sizes, these beat both 128-row tiles and every expert on every row
+    (measurements: BUILD.md "Inference", benchmarks/results/decode_cpu.md). Same parameters and the same
+    function: the dispatch only changes how rows meet their experts' weights. An explicit non-auto dispatch is kept."""
     if cfg.moe_dispatch != "auto" or resolve_dispatch("auto") != "sorted_tiles":
         return cfg
     if tokens_per_step * cfg.num_experts_per_tok <= GATHER_MAX_ROWS:

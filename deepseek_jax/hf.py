@@ -8,7 +8,7 @@ it yields every hub tensor name with the leaf it lives in (collection + path), t
 (layer within an ``nn.scan`` stack, expert within the stacked expert weights) and whether it is transposed (HF
 linear weights are [out, in], our kernels [in, out]).
 
-Hub layout (REFERENCE.md): HF layer i < first_k_dense_replace lives in ``dense_layers[i]``, the others in
+Hub layout (docs/checkpoint_format.md): HF layer i < first_k_dense_replace lives in ``dense_layers[i]``, the others in
 ``moe_layers[i - first_k_dense_replace]``; MTP module j is HF layer ``num_hidden_layers + j`` with enorm, hnorm,
 eh_proj, shared_head.norm and the block; it also carries copies of ``embed_tokens`` and ``shared_head.head``.
 This model shares the embedding and output head between the main model and MTP (V3 §2.2), so those copies are

@@ -7,7 +7,7 @@ but config, so every layer may use it. The model names every parameter dimension
 table below maps those names to mesh axes. Changing the parallel layout is changing this table, never the model.
 The distributed train and eval steps built on it live in ``parallel/step.py``.
 
-This module is the ONLY place that names mesh axes (DESIGN.md). The model names every parameter dimension with
+This module is the ONLY place that names mesh axes (docs/parallelism.md). The model names every parameter dimension with
 a logical axis ("embed", "expert", "moe_mlp", ...; see ``LOGICAL_RULES``) and a few activations with
 ``constrain(x, ("batch", ...))``; the table below maps those names to mesh axes. Changing the parallel layout is
 changing this table, never the model.

@@ -34,7 +34,7 @@ from deepseek_jax.layers.linear import Dense, Kernel, dtype_of, linear
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, softmax_scale
 
-# The latent norms use eps 1e-6 in both references, whatever rms_norm_eps says (REFERENCE.md).
+# The latent norms use eps 1e-6 in both references, whatever rms_norm_eps says (docs/checkpoint_format.md).
 LATENT_NORM_EPS = 1e-6
 
 Cache = dict  # {"c_kv": [B, S, kv_lora_rank], "k_rope": [B, S, qk_rope_head_dim]}

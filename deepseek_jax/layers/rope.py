@@ -2,7 +2,7 @@
 
 Layout: DeepSeek's reference code treats the rope dims as complex numbers, rotating adjacent pairs
 (x[2i], x[2i+1]) by frequency i. The "rotate half" pairing (x[i], x[i + d/2]) is wrong for the released
-weights (REFERENCE.md). transformers' ``apply_rotary_pos_emb_interleave`` computes the same rotation and
+weights (docs/checkpoint_format.md). transformers' ``apply_rotary_pos_emb_interleave`` computes the same rotation and
 writes the result de-interleaved; attention scores are identical either way because q and k are permuted
 alike, so here the output stays in the input's interleaved order.
 
@@ -67,7 +67,7 @@ def attention_factor(yarn: Optional[YarnConfig]) -> float:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (V3 §4.3; REFERENCE.md)."""
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (V3 §4.3; docs/checkpoint_format.md)."""
     scale = cfg.qk_head_dim ** -0.5
     y = cfg.rope_scaling
     if y is not None and y.mscale_all_dim:

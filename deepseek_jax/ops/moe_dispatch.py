@@ -8,11 +8,11 @@ Dispatch (all dropless, all the same function; tests hold each equal to ``dense`
                 loop over the used tiles, each one [tile, d] x [d, F] matmul with its expert's weights sliced in
                 place (custom VJP: the backward is the same loop). On CPU, ragged_dot lowers to a masked dense
                 computation; this path does only the routed FLOPs plus < 1 tile of padding per expert
-                (experiments/results/moe_dispatch_cpu.md: 1.2x one equal-FLOP matmul). Reverse-mode only.
+                (speed against an equal-FLOP matmul: benchmarks/results/moe_dispatch_cpu.md). Reverse-mode only.
   auto          sorted_tiles on CPU, ragged elsewhere.
   gather        each routed row's expert weights gathered per row ([N*K, d, F]) and one batched matmul: reads
                 N*K expert weights, no sort and no loop. For decode steps, where N*K is a handful of rows
-                (generate.py picks it for N*K <= 8 on CPU; ~4x faster than 8-row tiles at batch 1).
+                (generate.py picks it for N*K <= 8 on CPU).
 """
 
 from __future__ import annotations

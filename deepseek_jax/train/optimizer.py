@@ -1,4 +1,4 @@
-"""AdamW and the paper's schedules (V3 §4.2, PAPER.md "Pre-training recipe").
+"""AdamW and the paper's schedules (V3 §4.2; docs/paper_numbers.md "Pre-training recipe").
 
 Optimizer (``make_optimizer``), in this order on the fp32 gradient of the global batch:
   1. clip to global norm ``clip_norm`` (1.0), BEFORE Adam, as torch's clip_grad_norm_ + AdamW;
