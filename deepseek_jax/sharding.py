@@ -118,10 +118,11 @@ def make_mesh(spec: Union[str, Mapping[str, int], None] = None, devices: Optiona
     return Mesh(arr, MESH_AXES)
 
 
-def abstract_mesh(spec: Union[str, Mapping[str, int]]):
-    """A ``jax.sharding.AbstractMesh`` (sizes and names, no devices) for lowering without the devices."""
+def abstract_mesh(spec: Union[str, Mapping[str, int]], **kwargs):
+    """A ``jax.sharding.AbstractMesh`` (sizes and names, no devices) for lowering without the devices.
+    ``kwargs`` go to AbstractMesh (e.g. ``abstract_device=compat.abstract_gpu()`` to lower GPU Pallas kernels)."""
     shape = mesh_shape(spec)
-    return compat.abstract_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES)
+    return compat.abstract_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, **kwargs)
 
 
 def axis_sizes(mesh) -> Dict[str, int]:
