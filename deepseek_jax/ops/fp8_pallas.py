@@ -72,58 +72,67 @@ def _dot(a, b):
 # ---------------------------------------------------------------------------------------------------------------
 # One 128-wide K block, read from refs (shared by the triton and mosaic_tpu forms)
 # ---------------------------------------------------------------------------------------------------------------
-def _kblock_from_refs(a_ref, b_ref, k0, partial, scale, accum: str, bits: int, widen=None):
-    """Adds the K block [k0, k0 + 128) of a_ref [bm, *] x b_ref [bn, *]^T into ``partial`` [bm, bn] (fp32).
-    fp32: one 128-wide dot. limited: four 32-wide dots, truncating the running partial after each. ``scale``:
-    None, or the [bm, bn] factor applied to each step's products before accumulating (long promotion).
-    ``widen``: dtype the loaded FP8 tiles are converted to before the dot (mosaic_tpu: bf16)."""
-    def load(ref, start, width):
-        v = ref[:, pl.ds(start, width)]
-        return v if widen is None else v.astype(widen)
-
+def _kblock(load_a, load_b, k0, partial, scale, accum: str, bits: int):
+    """Adds the K block [k0, k0 + 128) of a [bm, *] x b [bn, *]^T into ``partial`` [bm, bn] (fp32), where
+    ``load_x(start, width)`` reads the K slab [start, start + width) of operand x from its ref (one indexer per
+    load: Triton lowers neither value slicing nor chained ref views). fp32: one 128-wide dot. limited: four
+    32-wide dots, truncating the running partial after each. ``scale``: None, or the [bm, bn] factor applied to
+    each step's products before accumulating (long promotion)."""
     if accum == "fp32":
-        prod = _dot(load(a_ref, k0, TILE), load(b_ref, k0, TILE))
+        prod = _dot(load_a(k0, TILE), load_b(k0, TILE))
         return partial + (prod if scale is None else prod * scale)
     for s in range(TILE // STEP):
-        prod = _dot(load(a_ref, k0 + s * STEP, STEP), load(b_ref, k0 + s * STEP, STEP))
+        prod = _dot(load_a(k0 + s * STEP, STEP), load_b(k0 + s * STEP, STEP))
         partial = truncate_mantissa(partial + (prod if scale is None else prod * scale), bits)
     return partial
+
+
+def _slab_loader(ref, widen=None):
+    """K slabs of a 2-D [rows, K] ref, optionally widened (mosaic_tpu: bf16)."""
+    def load(start, width):
+        v = ref[:, pl.ds(start, width)]
+        return v if widen is None else v.astype(widen)
+    return load
+
+
+def _kblock_from_refs(a_ref, b_ref, k0, partial, scale, accum: str, bits: int, widen=None):
+    return _kblock(_slab_loader(a_ref, widen), _slab_loader(b_ref, widen), k0, partial, scale, accum, bits)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton form: K loop inside each program
 # ---------------------------------------------------------------------------------------------------------------
-def _triton_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, nkb, accum, bits, promote_blocks):
-    """One (i, j) program: a_ref [bm, Kp], as_ref [bm, nkb], b_ref [bn, Kp], bs_ref [nkb, bn], o_ref [bm, bn].
-    ``promote_blocks``: 1 (promote every 128), k > 1 (every k*128), 0 (never). The promotion schedule is static
-    loops: groups of ``promote_blocks`` K blocks, then the remainder."""
-    bm, bn = o_ref.shape
-    zero = jnp.zeros((bm, bn), jnp.float32)
-
-    def scales(kb):
-        return as_ref[:, pl.ds(kb, 1)] * bs_ref[pl.ds(kb, 1), :]  # [bm, 1] * [1, bn]
+def k_loop(load_a, load_b, scales, nkb, shape, *, accum, bits, promote_blocks):
+    """The K loop of one output tile [bm, bn] (fp32): ``nkb`` K blocks (may be traced), ``load_x(start, width)``
+    reading K slabs, ``scales(kb)`` the [bm, 1] x [1, bn] scale product of block kb. ``promote_blocks``: 1
+    (promote every 128), k > 1 (every k*128), 0 (never). The promotion schedule is static loops: groups of
+    ``promote_blocks`` K blocks, then the remainder."""
+    zero = jnp.zeros(shape, jnp.float32)
 
     def block(kb, partial, scale):
-        return _kblock_from_refs(a_ref, b_ref, pl.multiple_of(kb * TILE, TILE), partial, scale, accum, bits)
+        return _kblock(load_a, load_b, pl.multiple_of(kb * TILE, TILE), partial, scale, accum, bits)
 
     if promote_blocks == 1:
-        def body(kb, out):
-            return out + block(kb, zero, None) * scales(kb)
-        o_ref[...] = jax.lax.fori_loop(0, nkb, body, zero)
-        return
+        return jax.lax.fori_loop(0, nkb, lambda kb, out: out + block(kb, zero, None) * scales(kb), zero)
 
     def scaled_run(start, n, partial):  # n K blocks from ``start`` into one (limited) partial
         return jax.lax.fori_loop(0, n, lambda t, p: block(start + t, p, scales(start + t)), partial)
 
     if promote_blocks == 0:
-        o_ref[...] = scaled_run(0, nkb, zero)
-        return
-    n_groups, rem = divmod(nkb, promote_blocks)
+        return scaled_run(0, nkb, zero)
+    n_groups, rem = nkb // promote_blocks, nkb % promote_blocks
     out = jax.lax.fori_loop(0, n_groups, lambda g, out: out + scaled_run(g * promote_blocks, promote_blocks, zero),
                             zero)
-    if rem:
-        out = out + scaled_run(n_groups * promote_blocks, rem, zero)
-    o_ref[...] = out
+    return out + scaled_run(n_groups * promote_blocks, rem, zero)
+
+
+def _triton_kernel(a_ref, as_ref, b_ref, bs_ref, o_ref, *, nkb, accum, bits, promote_blocks):
+    """One (i, j) program: a_ref [bm, Kp], as_ref [bm, nkb], b_ref [bn, Kp], bs_ref [nkb, bn], o_ref [bm, bn]."""
+    def scales(kb):
+        return as_ref[:, pl.ds(kb, 1)] * bs_ref[pl.ds(kb, 1), :]  # [bm, 1] * [1, bn]
+
+    o_ref[...] = k_loop(_slab_loader(a_ref), _slab_loader(b_ref), scales, nkb, o_ref.shape, accum=accum, bits=bits,
+                        promote_blocks=promote_blocks)
 
 
 def _triton_call(a_q, a_s, b_q, b_s_rows, *, accum, bits, promote_blocks, bm, bn, interpret, num_warps,
