@@ -99,3 +99,10 @@ def mosaic_gpu_interpret_params():
         raise NotImplementedError(f"jax {jax.__version__} has no Mosaic GPU interpreter (plgpu.InterpretGPUParams "
                                   "is new in jax 0.11); the mosaic_gpu kernel runs only compiled here")
     return plgpu.InterpretGPUParams()
+
+
+def auto_axes(n: int) -> dict:
+    """AbstractMesh keyword for ``n`` Auto (compiler-partitioned) axes: jax 0.10's default; jax 0.11's
+    AbstractMesh defaults to Explicit axes, under which values carry their shardings in their types."""
+    at = getattr(jax.sharding, "AxisType", None)
+    return {} if at is None else {"axis_types": (at.Auto,) * n}
