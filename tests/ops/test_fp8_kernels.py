@@ -187,3 +187,9 @@ def test_auto_picks_the_kernel_per_lowering_platform(platform, target, other):
         assert count_calls(text, target) == 1 and count_calls(text, other) == 0
     cpu = export_text(lambda *x: fp8_pallas.fp8_gemm(*x), ops, "cpu")  # interpreter: no kernel custom call
     assert count_calls(cpu, TRITON) == count_calls(cpu, MOSAIC_TPU) == 0
+
+
+def test_gpu_check_script_exits_cleanly_without_a_gpu(capsys):
+    from benchmarks import fp8_gpu_check
+    assert fp8_gpu_check.main([]) == 2
+    assert "no GPU visible to JAX" in capsys.readouterr().err
