@@ -28,3 +28,81 @@ def abstract_mesh(axis_sizes, axis_names, **kwargs):
         return jax.sharding.AbstractMesh(tuple(axis_sizes), tuple(axis_names), **kwargs)
     except TypeError:
         return jax.sharding.AbstractMesh(tuple(zip(axis_names, axis_sizes)), **kwargs)
+
+
+def manual_axes() -> frozenset:
+    """Mesh axes that are manual where this is traced (inside ``shard_map``); empty outside. Both supported
+    releases expose ``jax.sharding.get_abstract_mesh().manual_axes``."""
+    am = jax.sharding.get_abstract_mesh()
+    return frozenset(getattr(am, "manual_axes", ()) or ())
+
+
+def reshard(x, mesh, spec):
+    """``x`` laid out as ``spec`` on ``mesh`` before it enters ``shard_map``. Auto mesh axes (jax 0.10's default):
+    nothing to do, shard_map's in_specs make XLA reshard. Explicit axes (jax 0.11's AbstractMesh default): the
+    value's type carries its sharding and shard_map demands it match, so ``jax.sharding.reshard``."""
+    types = getattr(mesh, "axis_types", None)
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if explicit is None or not types or explicit not in types:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def abstract_gpu(device_kind: str = "NVIDIA H100 80GB HBM3", num_cores: int = 132):
+    """A ``jax.sharding.AbstractDevice`` standing for a Hopper GPU, for lowering GPU Pallas kernels on a machine
+    without one: from jax 0.11 the Triton and Mosaic GPU lowerings read the device kind (compute capability) and
+    core count from the abstract mesh instead of requiring a real device."""
+    return jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+
+
+def gpu_lowering_mesh(device=None):
+    """A 1-device AbstractMesh carrying :func:`abstract_gpu`, to enter with ``jax.sharding.use_abstract_mesh``
+    around a GPU export of an unsharded function."""
+    return jax.sharding.AbstractMesh((1,), ("_gpu",), abstract_device=device or abstract_gpu())
+
+
+def mosaic_gpu():
+    """``jax.experimental.pallas.mosaic_gpu`` with what the Hopper FP8 kernel needs (plgpu.kernel, emit_pipeline
+    with a carry, wgmma, ACC, Layout.WGMMA.reduce), or ImportError naming what is missing on this jax."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except Exception as e:  # noqa: BLE001 - any import failure means the backend is unavailable
+        raise ImportError(f"Pallas Mosaic GPU is not importable on jax {jax.__version__}: {e}") from e
+    missing = [n for n in ("kernel", "emit_pipeline", "wgmma", "ACC", "Layout", "nd_loop", "find_swizzle",
+                           "layout_cast", "TilingTransform", "SwizzleTransform") if not hasattr(plgpu, n)]
+    if missing:
+        raise ImportError(f"jax {jax.__version__}'s Pallas Mosaic GPU lacks {missing} (needed by the Hopper FP8 "
+                          "kernel; tested on jax 0.10.2 and 0.11.2)")
+    return plgpu
+
+
+def gpu_core_count(default: int = 132) -> int:
+    """SMs of the GPU being lowered for: the abstract mesh's device (see :func:`abstract_gpu`), else the default
+    device's ``core_count``, else ``default`` (H100 SXM: 132)."""
+    ad = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if ad is not None and getattr(ad, "num_cores", None):
+        return int(ad.num_cores)
+    try:
+        d = jax.devices()[0]
+        if d.platform == "gpu" and getattr(d, "core_count", None):
+            return int(d.core_count)
+    except RuntimeError:
+        pass
+    return default
+
+
+def mosaic_gpu_interpret_params():
+    """Parameters that make ``plgpu.kernel`` run in jax's Mosaic GPU interpreter on CPU (jax >= 0.11:
+    ``plgpu.InterpretGPUParams``); NotImplementedError on releases without it (jax 0.10.2)."""
+    plgpu = mosaic_gpu()
+    if not hasattr(plgpu, "InterpretGPUParams"):
+        raise NotImplementedError(f"jax {jax.__version__} has no Mosaic GPU interpreter (plgpu.InterpretGPUParams "
+                                  "is new in jax 0.11); the mosaic_gpu kernel runs only compiled here")
+    return plgpu.InterpretGPUParams()
+
+
+def auto_axes(n: int) -> dict:
+    """AbstractMesh keyword for ``n`` Auto (compiler-partitioned) axes: jax 0.10's default; jax 0.11's
+    AbstractMesh defaults to Explicit axes, under which values carry their shardings in their types."""
+    at = getattr(jax.sharding, "AxisType", None)
+    return {} if at is None else {"axis_types": (at.Auto,) * n}

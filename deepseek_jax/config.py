@@ -53,11 +53,12 @@ class YarnConfig:
 FP8_FORMATS = ("e4m3", "e5m2")
 FP8_BACKENDS = ("xla", "pallas")
 FP8_ACCUMS = ("fp32", "limited")
+FP8_KERNELS = ("auto", "triton", "mosaic_gpu", "mosaic_tpu", "interpret")
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
-    """Block-scaled FP8 GEMMs for the MLA projections, the dense/shared/routed expert FFNs (V3 §3.3; FP8.md;
+    """Block-scaled FP8 GEMMs for the MLA projections, the dense/shared/routed expert FFNs (V3 §3.3; docs/fp8.md;
     ops/fp8.py). Never the embedding, output head, router, norms or attention core.
 
     fmt            GEMM input format: e4m3 (the paper, all three GEMMs) or e5m2
@@ -67,6 +68,8 @@ class Fp8Config:
     accum          fp32 (exact promotion every 128) | limited (pallas only: ``mantissa_bits``-bit partial sums,
                    promoted every ``promote_every`` elements of K, None = never)
     interpret      Pallas interpret mode; None = on CPU only
+    kernel         pallas only: auto (per lowering platform: cuda -> triton, tpu -> mosaic_tpu, cpu -> interpret)
+                   | triton | mosaic_gpu (Hopper, accum fp32 only) | mosaic_tpu | interpret (docs/fp8.md "Kernels")
     """
 
     fmt: str = "e4m3"
@@ -76,6 +79,7 @@ class Fp8Config:
     mantissa_bits: int = 14
     promote_every: Optional[int] = 128
     interpret: Optional[bool] = None
+    kernel: str = "auto"
 
     def __post_init__(self):
         _check(self.fmt in FP8_FORMATS, "fp8.fmt", f"must be one of {FP8_FORMATS}, got {self.fmt!r}")
@@ -93,6 +97,11 @@ class Fp8Config:
                f"accum='fp32' promotes every 128; got promote_every={pe!r}")
         _check(self.interpret is None or isinstance(self.interpret, bool), "fp8.interpret",
                f"must be None or a bool, got {self.interpret!r}")
+        _check(self.kernel in FP8_KERNELS, "fp8.kernel", f"must be one of {FP8_KERNELS}, got {self.kernel!r}")
+        _check(self.kernel == "auto" or self.backend == "pallas", "fp8.kernel",
+               f"kernel={self.kernel!r} selects a Pallas kernel; set backend='pallas'")
+        _check(self.kernel != "mosaic_gpu" or self.accum == "fp32", "fp8.kernel",
+               "the mosaic_gpu kernel implements accum='fp32' only; use kernel='triton' for accum='limited'")
 
 
 def _fp8_from(v):

@@ -2,15 +2,10 @@
 mesh and ``constrain``, mesh construction, and a version-stable ``shard_map``.
 
 This module is the ONLY place that names mesh axes (docs/parallelism.md). It imports no other deepseek_jax module
-but config, so every layer may use it. The model names every parameter dimension with a logical axis ("embed",
+but compat, so every layer may use it. The model names every parameter dimension with a logical axis ("embed",
 "expert", "moe_mlp", ...; see ``LOGICAL_RULES``) and a few activations with ``constrain(x, ("batch", ...))``; the
 table below maps those names to mesh axes. Changing the parallel layout is changing this table, never the model.
 The distributed train and eval steps built on it live in ``parallel/step.py``.
-
-This module is the ONLY place that names mesh axes (docs/parallelism.md). The model names every parameter dimension with
-a logical axis ("embed", "expert", "moe_mlp", ...; see ``LOGICAL_RULES``) and a few activations with
-``constrain(x, ("batch", ...))``; the table below maps those names to mesh axes. Changing the parallel layout is
-changing this table, never the model.
 
 Mesh axes (all four always exist; size 1 = unused):
   data    pure data parallelism: parameters replicated, batch split.
@@ -29,7 +24,6 @@ Decisions:
   not reused (the first dimension wins). Both keep every spec legal for every config; the golden dump
   (tests/golden/) shows what each parameter actually gets.
 - The router bias ("router" collection) follows the same rules as parameters (its axes are ("layers", "expert")).
-- Optimizer moments get their parameter's sharding (``optax.tree_map_params``); scalars are replicated.
 """
 
 from __future__ import annotations
@@ -118,10 +112,11 @@ def make_mesh(spec: Union[str, Mapping[str, int], None] = None, devices: Optiona
     return Mesh(arr, MESH_AXES)
 
 
-def abstract_mesh(spec: Union[str, Mapping[str, int]]):
-    """A ``jax.sharding.AbstractMesh`` (sizes and names, no devices) for lowering without the devices."""
+def abstract_mesh(spec: Union[str, Mapping[str, int]], **kwargs):
+    """A ``jax.sharding.AbstractMesh`` (sizes and names, no devices) for lowering without the devices.
+    ``kwargs`` go to AbstractMesh (e.g. ``abstract_device=compat.abstract_gpu()`` to lower GPU Pallas kernels)."""
     shape = mesh_shape(spec)
-    return compat.abstract_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES)
+    return compat.abstract_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, **kwargs)
 
 
 def axis_sizes(mesh) -> Dict[str, int]:

@@ -1,4 +1,4 @@
-"""Block-scaled FP8 training, simulated (V3 §3.3, App. B; the spec is FP8.md).
+"""Block-scaled FP8 training, simulated (V3 §3.3, App. B; docs/fp8.md).
 
 Quantizers. ``quantize(x[R, C], block=(br, bc))`` gives ``q`` (float8, same shape) and one fp32 scale per
 ``br x bc`` block, ``s [ceil(R/br), ceil(C/bc)]``, with x ~= q * s:
@@ -12,8 +12,10 @@ outputs loudly. Shapes that are
 not multiples of the block are zero-padded for the statistics only.
 
 GEMMs. ``block_gemm`` computes C[M, N] = deq(a)[M, K] deq(b)[N, K]^T for K-major operands with any of the
-tilings, by the XLA reference (dequantize to fp32, one fp32 matmul: exact promotion) or the Pallas kernel
-(ops/fp8_pallas.py, which can also emulate limited-precision accumulation).
+tilings, by the XLA reference (dequantize to fp32, one fp32 matmul: exact promotion) or a Pallas kernel
+(ops/fp8_pallas.py, which can also emulate limited-precision accumulation; ``Fp8Config.kernel`` picks the form).
+On a mesh (``sharding.use_mesh``) every Pallas call runs inside ``shard_map``: no Pallas kernel can be
+partitioned by XLA (docs/fp8.md "Sharding").
 
 ``fp8_linear(x[M, K], w[K, N], cfg)``: y = x w with a custom VJP in which all three GEMMs take FP8 inputs with
 the paper's tilings (Fig. 6, App. B.2):
@@ -33,9 +35,13 @@ import dataclasses
 import functools
 from typing import Optional, Tuple
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import compat, sharding
 from deepseek_jax.config import Fp8Config
 from deepseek_jax.ops import fp8_pallas
 
@@ -128,16 +134,49 @@ def fp8_matmul_ref(a_q, a_s, a_block, b_q, b_s, b_block) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def block_gemm(a_q, a_s, a_block, b_q, b_s, b_block, cfg: Fp8Config) -> jax.Array:
-    """C[M, N] (fp32) from K-major FP8 operands, by ``cfg.backend``. The Pallas kernel takes 1x128 tiles along K
-    for ``a`` and 1x128 tiles or 128x128 blocks for ``b``; other tilings are for the reference only."""
+def on_mesh(gemm, a_q, a_s, b_q, b_s, tokens: str = "m"):
+    """``gemm(a_q, a_s, b_q, b_s) -> [M, N]`` run per device under ``shard_map`` when a mesh is active
+    (``sharding.use_mesh``) and we are not already inside a manual (shard_map) region. The batch axes split the
+    token dimension: ``tokens="m"`` (Fprop, Dgrad: the rows of a are tokens) splits M when it divides, and
+    ``tokens="k"`` (Wgrad: the contraction runs over tokens) splits K when each device keeps whole 128-blocks,
+    summing the per-device fp32 results (psum). Otherwise every device computes the whole GEMM (replicated:
+    correct, redundant). The "tensor" axis replicates."""
+    mesh = sharding.active_mesh()
+    if mesh is None or compat.manual_axes():
+        return gemm(a_q, a_s, b_q, b_s)
+    sizes = sharding.axis_sizes(mesh)
+    if math.prod(sizes.values()) == 1:
+        return gemm(a_q, a_s, b_q, b_s)
+    ba = tuple(a for a in sharding.BATCH_AXES if sizes[a] > 1)
+    n = math.prod(sizes[a] for a in ba)
+    reduce = False
+    if ba and tokens == "m" and a_q.shape[0] % n == 0:
+        in_specs, out_spec = (P(ba), P(ba), P(), P()), P(ba)
+    elif ba and tokens == "k" and a_q.shape[1] % (n * TILE) == 0 and b_s.shape[1] % n == 0:
+        in_specs, out_spec, reduce = (P(None, ba),) * 4, P(), True
+    else:
+        in_specs, out_spec = (P(),) * 4, P()
+
+    def body(*ops):
+        y = gemm(*ops)
+        return jax.lax.psum(y, ba) if reduce else y
+
+    ops = [compat.reshard(x, mesh, sp) for x, sp in zip((a_q, a_s, b_q, b_s), in_specs)]
+    return sharding.shard_map(body, mesh, in_specs, out_spec)(*ops)
+
+
+def block_gemm(a_q, a_s, a_block, b_q, b_s, b_block, cfg: Fp8Config, tokens: str = "m") -> jax.Array:
+    """C[M, N] (fp32) from K-major FP8 operands, by ``cfg.backend``. The Pallas kernels take 1x128 tiles along K
+    for ``a`` and 1x128 tiles or 128x128 blocks for ``b``; other tilings are for the reference only.
+    ``tokens``: which dimension holds tokens ("m" or "k"), for the per-device split of :func:`on_mesh`."""
     if cfg.backend == "xla":
         return fp8_matmul_ref(a_q, a_s, a_block, b_q, b_s, b_block)
     if a_block != TILE_1x128 or b_block not in (TILE_1x128, BLOCK_128x128):
         raise ValueError(f"block_gemm: the Pallas kernel takes a in 1x128 tiles and b in 1x128 tiles or 128x128 "
                          f"blocks, got a {a_block}, b {b_block}")
-    return fp8_pallas.fp8_gemm(a_q, a_s, b_q, b_s, accum=cfg.accum, mantissa_bits=cfg.mantissa_bits,
-                               promote_every=cfg.promote_every, interpret=cfg.interpret)
+    gemm = functools.partial(fp8_pallas.fp8_gemm, accum=cfg.accum, mantissa_bits=cfg.mantissa_bits,
+                             promote_every=cfg.promote_every, kernel=cfg.kernel, interpret=cfg.interpret)
+    return on_mesh(gemm, a_q, a_s, b_q, b_s, tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,7 +218,7 @@ def _fp8_linear_bwd(cfg, res, dy_mn):
     x_deq = dequantize(xq, sx, TILE_1x128)
     xtq, sxt = quantize(x_deq.T, TILE_1x128, fmt, p2)  # [K, M] = 128x1 tiles of X
     dytq, sdyt = quantize(dy_mn.T, TILE_1x128, fmt, p2)  # [N, M] = 128x1 tiles of dY
-    dw = block_gemm(xtq, sxt, TILE_1x128, dytq, sdyt, TILE_1x128, cfg)
+    dw = block_gemm(xtq, sxt, TILE_1x128, dytq, sdyt, TILE_1x128, cfg, tokens="k")
     return dx.astype(x_dt.dtype), dw.astype(w_dt.dtype)
 
 

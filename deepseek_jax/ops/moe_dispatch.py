@@ -220,6 +220,25 @@ def dispatch_fp8_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int, linear_fn):
     return jnp.einsum("nkd,nk->nd", y_pd[dest_nk].astype(jnp.float32), w_nk)
 
 
+def dispatch_fp8_grouped(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int, linear_fn):
+    """The routed experts through grouped FP8 kernels (ops/fp8_grouped.py), the same contract as
+    :func:`dispatch_fp8_tiles` except that ``linear_fn(x_pk, w_ekn, tile_e)`` is a grouped linear
+    (``fp8_grouped.grouped_linear_fn(cfg)``): rows grouped by expert in DeepGEMM's contiguous layout, every
+    expert's segment padded to a multiple of 128 rows (``tile`` is rounded up to one), then one grouped GEMM per
+    projection over all tiles (gate, up, down), each tile with its expert's weights. Unused tiles of the static
+    bound hold zero rows and are computed (zeros)."""
+    E, K = wg.shape[0], idx_nk.shape[1]
+    d = x_nd.shape[1]
+    tile = -(-max(tile, 128) // 128) * 128
+    src, dest_nk, tile_e, _ = _tile_layout(idx_nk, E, tile)
+    rep = tile // 128  # tile_e per 128-row block
+    te = jnp.repeat(tile_e, rep)
+    x_pd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])[src // K]
+    h_pf = swiglu(linear_fn(x_pd, wg, te), linear_fn(x_pd, wu, te))
+    y_pd = linear_fn(h_pf.astype(x_nd.dtype), wd, te)
+    return jnp.einsum("nkd,nk->nd", y_pd[dest_nk].astype(jnp.float32), w_nk)
+
+
 def dispatch_gather(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int = 0):
     """Every routed row (n, k) times its expert's weights gathered for that row (decode-sized N*K only: it reads
     N*K copies of an expert's weights)."""

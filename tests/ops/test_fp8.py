@@ -1,4 +1,4 @@
-"""Block-scaled FP8 (FP8.md "What tests should hold", items 1-5): quantizers, the Pallas kernel (interpret mode)
+"""Block-scaled FP8 (docs/fp8.md "What the tests hold", items 1-5): quantizers, the Pallas kernel (interpret mode)
 against the dequantize-then-matmul reference, the limited-accumulation emulation, the custom-VJP linear against
 an independent numpy implementation of the same recipe and against FP32 autodiff, and App. B.2's outlier case.
 
@@ -18,7 +18,7 @@ E4M3 = ml_dtypes.float8_e4m3fn
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# numpy reference of the recipe (written from FP8.md, sharing no code with ops/fp8.py)
+# numpy reference of the recipe (written from docs/fp8.md, sharing no code with ops/fp8.py)
 # ---------------------------------------------------------------------------------------------------------------
 def np_quantize(x, br, bc, fmax=448.0, dtype=E4M3, pow2=False):
     x = np.asarray(x, np.float32)
@@ -122,7 +122,7 @@ def gemm_operands():
     return jnp.asarray(a_q), jnp.asarray(a_s), jnp.asarray(b_q), jnp.asarray(b_s), ref
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(bm=64, bn=256), dict(bm=32, bn=128, k_in_grid=False)])
+@pytest.mark.parametrize("kw", [dict(), dict(bm=64, bn=256), dict(bm=32, bn=128, kernel="mosaic_tpu", interpret=True)])
 def test_kernel_fp32_equals_reference(gemm_operands, kw):
     a_q, a_s, b_q, b_s, ref = gemm_operands
     out = fp8_pallas.fp8_gemm(a_q, a_s, b_q, b_s, **kw)
@@ -137,9 +137,9 @@ def test_kernel_ragged_shapes_and_row_scales():
     a_q, a_s = np_quantize(a, 1, 128)
     b_q, b_s = np_quantize(b, 1, 128)
     ref = np_deq(a_q, a_s, 1, 128) @ np_deq(b_q, b_s, 1, 128).T
-    for k_in_grid in (True, False):
+    for form in (dict(kernel="interpret"), dict(kernel="mosaic_tpu", interpret=True)):
         out = fp8_pallas.fp8_gemm(jnp.asarray(a_q), jnp.asarray(a_s), jnp.asarray(b_q), jnp.asarray(b_s),
-                                  bm=32, bn=64, k_in_grid=k_in_grid)
+                                  bm=32, bn=64, **form)
         assert max_rel(out, ref) < 1e-5
     with pytest.raises(ValueError, match="b_s"):
         fp8_pallas.fp8_gemm(jnp.asarray(a_q), jnp.asarray(a_s), jnp.asarray(b_q), jnp.asarray(b_s[:, :1]))
@@ -165,7 +165,7 @@ def _emulation_error(K, promote_every, bits=14):
     b_q, b_s = np_quantize(b, 1, 128)
     ref = np_deq(a_q, a_s, 1, 128) @ np_deq(b_q, b_s, 1, 128).T  # float64 of the same fp8 values
     out = fp8_pallas.fp8_gemm(jnp.asarray(a_q), jnp.asarray(a_s), jnp.asarray(b_q), jnp.asarray(b_s),
-                              accum="limited", mantissa_bits=bits, promote_every=promote_every, k_in_grid=False)
+                              accum="limited", mantissa_bits=bits, promote_every=promote_every)
     return max_rel(out, ref)
 
 
@@ -175,7 +175,7 @@ def test_promotion_bounds_the_limited_accumulation_error():
     assert unpromoted[4096] > 10 * promoted[4096], (promoted, unpromoted)
     assert max(promoted.values()) < 2 * min(promoted.values()), promoted  # flat in K
     assert unpromoted[1024] < unpromoted[4096] < unpromoted[16384], unpromoted  # grows with K
-    assert 1e-3 < unpromoted[4096] < 1e-2 and promoted[4096] < 5e-4  # FP8.md's prototype: ~3e-3 and ~1e-4
+    assert 1e-3 < unpromoted[4096] < 1e-2 and promoted[4096] < 5e-4  # docs/fp8.md's prototype: ~3e-3 and ~1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def linear_case():
 
 
 def _np_recipe(x, w, dy, pow2):
-    """Y, dX, dW of FP8.md's table in numpy (float64 GEMMs of the fp8 values)."""
+    """Y, dX, dW of docs/fp8.md's table in numpy (float64 GEMMs of the fp8 values)."""
     xq, sx = np_quantize(x, 1, 128, pow2=pow2)
     wq, sw = np_quantize(w, 128, 128, pow2=pow2)
     y = np_deq(xq, sx, 1, 128) @ np_deq(wq, sw, 128, 128)
@@ -214,7 +214,7 @@ def test_fp8_linear_equals_recipe_and_tracks_fp32(linear_case, pow2):
     y_r, dx_r, dw_r = _np_recipe(x, w, dy, pow2)
     for got, want in ((y, y_r), (dx, dx_r), (dw, dw_r)):
         assert max_rel(got, want) < 1e-5
-    # Against FP32 autodiff: a few percent (FP8.md's prototype: Y 3.7%, dX 3.7%, dW 4.5% / 3.7% with pow2).
+    # Against FP32 autodiff: a few percent (docs/fp8.md's prototype: Y 3.7%, dX 3.7%, dW 4.5% / 3.7% with pow2).
     x64, w64, dy64 = (v.astype(np.float64) for v in (x, w, dy))
     errs = (rel(y, x64 @ w64), rel(dx, dy64 @ w64.T), rel(dw, x64.T @ dy64))
     assert all(0.01 < e < 0.08 for e in errs), errs

@@ -1,4 +1,4 @@
-"""ModelConfig(fp8=...) in the model (FP8.md item 6 and the integration of issue 5): which GEMMs go through the FP8
+"""ModelConfig(fp8=...) in the model (docs/fp8.md item 6): which GEMMs go through the FP8
 policy (MLA projections, dense FFN, shared and routed experts; never embedding, head, router, eh_proj or the
 attention core), the FP8 routed-expert dispatch equals a per-token loop of the FP8 linear, and a tiny model trains
 with FP8 under jit + nn.scan + remat with its loss tracking FP32's."""
