@@ -17,6 +17,7 @@ import jax
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.linear import Dense, dtype_of
 from deepseek_jax.layers.router import Router
+from deepseek_jax.ops.fp8 import Fp8DotGeneral
 from deepseek_jax.ops.moe_dispatch import LocalDispatch, swiglu
 from deepseek_jax.sharding import constrain
 
@@ -72,9 +73,9 @@ class MoE(nn.Module):
                         (E, F, d), pdt)
         dt = dtype_of(cfg.dtype)
         dispatch = self.dispatch or LocalDispatch(cfg.moe_dispatch, cfg.moe_tile_size)
-        linear_fn = getattr(self.dot_general, "linear_fn", None)  # the FP8 policy (ops/fp8.py), or None
+        fp8 = self.dot_general if isinstance(self.dot_general, Fp8DotGeneral) else None  # the FP8 policy, or None
         y, dispatch_aux = dispatch(x_btd.reshape(B * T, d).astype(dt), routing.experts_nk, routing.weights_nk,
-                                   wg.astype(dt), wu.astype(dt), wd.astype(dt), linear_fn)
+                                   wg.astype(dt), wu.astype(dt), wd.astype(dt), fp8)
         y = y.astype(dt).reshape(B, T, d)
         if cfg.n_shared_experts > 0:
             y = y + MLP(cfg, F * cfg.n_shared_experts, self.dot_general, name="shared_experts")(x_btd)

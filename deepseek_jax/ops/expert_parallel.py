@@ -52,10 +52,10 @@ def capacity(n_local: int, k: int, n_ep: int, capacity_factor: Optional[float]) 
 
 
 def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, tensor_size, all_axes,
-                linear_fn=None):
+                fp8=None):
     """Per-device body of the shard_map. x_nd [n, d] local tokens, idx_nk/w_nk [n, K] their routes, wg/wu [E_loc,
     d, F_loc], wd [E_loc, F_loc, d] this device's experts. Returns (y_nd fp32 [n, d], dropped [] int32, global).
-    ``linear_fn`` (the FP8 policy's linear, ops/fp8.py) runs the received rows' expert GEMMs in FP8."""
+    ``fp8`` (the FP8 policy, ops/fp8.py) runs the received rows' expert GEMMs in FP8."""
 
     n, K = idx_nk.shape
     d = x_nd.shape[1]
@@ -77,8 +77,8 @@ def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, te
 
     valid = recv_e >= 0
     local_idx, local_w = jnp.where(valid, recv_e, 0)[:, None], valid[:, None].astype(jnp.float32)
-    # FP8 (linear_fn set): per-row 1x128 activation tiles, per-expert 128x128 weight blocks, as on one device
-    y_sd, _ = LocalDispatch(dispatch, tile)(recv_x, local_idx, local_w, wg, wu, wd, linear_fn)
+    # FP8 (fp8 set): per-row 1x128 activation tiles, per-expert 128x128 weight blocks, as on one device
+    y_sd, _ = LocalDispatch(dispatch, tile)(recv_x, local_idx, local_w, wg, wu, wd, fp8)
     # y_sd: fp32 [n_slots, d]; empty slots give 0
     if tensor_size > 1:
         y_sd = jax.lax.psum(y_sd, "tensor")                     # partial sums over the FFN-width slices
@@ -93,13 +93,13 @@ def _local_step(x_nd, idx_nk, w_nk, wg, wu, wd, *, n_ep, cap, dispatch, tile, te
 
 def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile: int = 128,
                    capacity_factor: Optional[float] = None, mesh=None,
-                   linear_fn=None) -> Tuple[jax.Array, jax.Array]:
+                   fp8=None) -> Tuple[jax.Array, jax.Array]:
     """sum_k g_k * FFN_{e_k}(x_n) for every token with the experts spread over the mesh's "expert" axis.
 
     x_nd [N, d] (N = B*T, split over the batch axes), idx_nk / w_nk [N, K], wg / wu [E, d, F], wd [E, F, d].
     ``mesh`` defaults to the active one (``sharding.use_mesh``, entered by ``shard_train_step``).
-    ``linear_fn``: the FP8 policy's linear (``ModelConfig.fp8``); the local expert GEMMs then go through FP8 with
-    the single-device tilings (moe_dispatch.dispatch_fp8_tiles). The forward quantizes exactly as on one device (activation
+    ``fp8``: the FP8 policy (``ModelConfig.fp8``); the local expert GEMMs then go through FP8 as on one device
+    (moe_dispatch.LocalDispatch). The forward quantizes exactly as on one device (activation
     tiles are per row, weight blocks per expert); the Wgrad's 128x1 token tiles group the rows a device received.
     Returns (y [N, d] fp32, dropped: routed rows dropped over the whole batch, int32 scalar; 0 when dropless)."""
     mesh = mesh or sharding.active_mesh()
@@ -122,7 +122,7 @@ def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str = "auto", tile:
     tensor_split = n_tp > 1 and "tensor" in tuple(w_in)
     body = functools.partial(_local_step, n_ep=n_ep, cap=cap, dispatch=dispatch, tile=tile,
                              tensor_size=n_tp if tensor_split else 1, all_axes=sharding.BATCH_AXES,
-                             linear_fn=linear_fn)
+                             fp8=fp8)
     f = sharding.shard_map(body, mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, P()))
     return f(x_nd, idx_nk, w_nk, wg, wu, wd)
 
@@ -139,9 +139,9 @@ class ExpertParallelDispatch:
     tile: int = 128
     capacity_factor: Optional[float] = None
 
-    def __call__(self, x_nd, idx_nk, w_nk, wg, wu, wd, linear_fn=None):
+    def __call__(self, x_nd, idx_nk, w_nk, wg, wu, wd, fp8=None):
         y, dropped = routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, self.name, self.tile, self.capacity_factor,
-                                    self.mesh, linear_fn)
+                                    self.mesh, fp8)
         return y, {"ep_dropped": dropped}
 
 

@@ -22,6 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.ops import fp8_grouped
+
 
 # Expert FFNs: SwiGLU, down(silu(x W_gate) * (x W_up)), stacked over experts: W_gate/W_up [E, d, F], W_down [E, F, d]
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,14 +278,18 @@ def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str, tile: int = 12
 class LocalDispatch:
     """The routed experts on this device: the MoE layer's default dispatch strategy.
 
-    A strategy maps (x_nd, idx_nk, w_nk, wg, wu, wd, linear_fn) to (y fp32 [N, d], aux dict); ``linear_fn`` is the
-    FP8 policy's linear (ops/fp8.py) or None. With it the experts' GEMMs go through FP8 (dispatch_fp8_tiles),
-    whatever ``name`` says. ops/expert_parallel.py's ExpertParallelDispatch is the other strategy."""
+    A strategy maps (x_nd, idx_nk, w_nk, wg, wu, wd, fp8) to (y fp32 [N, d], aux dict); ``fp8`` is the model's FP8
+    policy (``ops.fp8.Fp8DotGeneral``) or None. With it the experts' GEMMs go through FP8, whatever ``name`` says:
+    grouped FP8 kernels (dispatch_fp8_grouped) for the Pallas backend, else the per-tile FP8 linear
+    (dispatch_fp8_tiles). ops/expert_parallel.py's ExpertParallelDispatch is the other strategy."""
 
     name: str = "auto"
     tile: int = 128
 
-    def __call__(self, x_nd, idx_nk, w_nk, wg, wu, wd, linear_fn=None):
-        if linear_fn is not None:
-            return dispatch_fp8_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, self.tile, linear_fn), {}
+    def __call__(self, x_nd, idx_nk, w_nk, wg, wu, wd, fp8=None):
+        if fp8 is not None and fp8.cfg.backend == "pallas":
+            grouped = fp8_grouped.grouped_linear_fn(fp8.cfg)
+            return dispatch_fp8_grouped(x_nd, idx_nk, w_nk, wg, wu, wd, self.tile, grouped), {}
+        if fp8 is not None:
+            return dispatch_fp8_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, self.tile, fp8.linear_fn), {}
         return routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, self.name, self.tile), {}
