@@ -22,12 +22,16 @@ def shard_map(f, *, mesh, in_specs, out_specs, check: bool = True):
 
 
 def abstract_mesh(axis_sizes, axis_names, **kwargs):
-    """``jax.sharding.AbstractMesh``: jax >= 0.5 takes (axis_sizes, axis_names); older releases a tuple of
-    (name, size) pairs."""
-    try:
-        return jax.sharding.AbstractMesh(tuple(axis_sizes), tuple(axis_names), **kwargs)
-    except TypeError:
-        return jax.sharding.AbstractMesh(tuple(zip(axis_names, axis_sizes)), **kwargs)
+    """``jax.sharding.AbstractMesh(axis_sizes, axis_names)`` with every axis ``AxisType.Auto`` unless
+    ``axis_types`` is given.
+
+    Auto is what ``jax.sharding.Mesh`` (the concrete mesh a run uses) defaults to on every supported jax, and what
+    AbstractMesh defaulted to up to jax 0.10. From jax 0.11 AbstractMesh defaults to ``Explicit``: shardings then
+    become part of the types, and e.g. the embedding gather raises ShardingTypeError ("Use
+    `.at[...].get(out_sharding=)`"), so the program lowered on an abstract mesh would not be the one a run
+    compiles."""
+    kwargs.setdefault("axis_types", (jax.sharding.AxisType.Auto,) * len(tuple(axis_names)))
+    return jax.sharding.AbstractMesh(tuple(axis_sizes), tuple(axis_names), **kwargs)
 
 
 def manual_axes() -> frozenset:

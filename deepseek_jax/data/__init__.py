@@ -1,7 +1,8 @@
-"""Data: corpora (built-in default corpus, user files/JSONL), tokenizers (byte-level, HF), packing + FIM on grain.
+"""Data: corpora (the built-in pinned corpus, the running interpreter's stdlib, user files/JSONL), tokenizers
+(byte-level, HF), packing + FIM on grain.
 
     from deepseek_jax.data import load_corpus, split, fingerprint, get_tokenizer, make_train_iterator
-    docs = load_corpus("default")                      # stdlib .py sources + pydoc topics, no download
+    docs = load_corpus("default")                      # pinned snapshot: CPython 3.11.7 stdlib + pydoc topics
     train_docs, val_docs = split(docs, 0.05)
     tok = get_tokenizer("byte")                        # or a path to a Hugging Face tokenizer.json
     it = make_train_iterator(train_docs, tok, seq_len=256, batch_size=8, seed=0, fim_rate=0.1)
@@ -14,11 +15,14 @@ pipeline.py (FIM, packing, state, evaluation layout).
 """
 from deepseek_jax.data.corpus import (
     Document,
+    builtin_corpus,
+    corpus_source,
     default_corpus,
     describe,
     fingerprint,
     load_corpus,
     split,
+    stdlib_corpus,
     total_bytes,
 )
 from deepseek_jax.data.pipeline import (
@@ -33,11 +37,14 @@ from deepseek_jax.data.tokenizer import ByteTokenizer, HFTokenizer, get_tokenize
 
 __all__ = [
     "Document",
+    "builtin_corpus",
+    "corpus_source",
     "default_corpus",
     "describe",
     "fingerprint",
     "load_corpus",
     "split",
+    "stdlib_corpus",
     "total_bytes",
     "ByteTokenizer",
     "HFTokenizer",

@@ -4,13 +4,26 @@ A corpus is a list of `Document(name, text)` in a fixed order. Everything downst
 packing) is a deterministic function of that list and a seed, and `fingerprint(docs)` identifies it, so a run
 that records (corpus spec, fingerprint, seed) can be reproduced and a resumed run can check it reads the same data.
 
-Default corpus (`default_corpus()`, spec "default")
-----------------------------------------------------
-Needs no download: it is the text that ships with the running Python installation itself.
+Built-in corpus (`builtin_corpus()`, spec "default"): a pinned snapshot
+---------------------------------------------------------------------
+Needs no download and is the same on every interpreter and machine: the documents are stored in the package,
+`deepseek_jax/data/builtin_corpus_v1.jsonl.gz` (gzip of one JSON object `{"name", "text"}` per line, 2.6 MB;
+10.6 MB of text), and `builtin_corpus()` checks their fingerprint against `BUILTIN_FINGERPRINT` on every load: a
+corrupt, truncated or edited file raises `ValueError` naming the file. Version v1 is the standard-library corpus
+below built from the sources of CPython 3.11.7 (745 documents: 666 code files, 10.1 MB, then 79 prose documents,
+0.47 MB; fingerprint 0b20cf65...), made by `python -m deepseek_jax.data.make_builtin_corpus` (its docstring says
+how). The Python Software Foundation License of that source is shipped beside it
+(`builtin_corpus_v1.LICENSE`). A snapshot is never changed in place: different documents would be a new file and
+version with its own fingerprint.
 
-1. Code: every `.py` file under the standard-library directory `sysconfig.get_paths()["stdlib"]`, named
-   `stdlib/<path relative to that directory, '/'-separated>`, in sorted order of that name. Excluded, so that the
-   corpus does not depend on what else is installed on the machine nor on how the interpreter was built:
+Standard-library corpus (`stdlib_corpus()`, spec "stdlib")
+--------------------------------------------------------
+The same rules applied to the running interpreter's own standard library (or to a given `Lib/` directory,
+`stdlib_corpus(root=...)`).
+
+1. Code: every `.py` file under the standard-library directory (`sysconfig.get_paths()["stdlib"]` by default),
+   named `stdlib/<path relative to that directory, '/'-separated>`, in sorted order of that name. Excluded, so
+   that the corpus does not depend on what else is installed on the machine nor on how the interpreter was built:
 
    - `site-packages/`, `dist-packages/` (third-party packages: differ per machine);
    - `lib-dynload/` (extension modules) and top-level `config-*/` (build files with machine paths);
@@ -27,23 +40,24 @@ Needs no download: it is the text that ships with the running Python installatio
 
    Files are read as bytes and decoded as strict UTF-8 (all such stdlib files are UTF-8; a file that is not
    raises rather than being skipped silently, so the corpus never shrinks without notice).
-2. Prose: the entries of `pydoc_data.topics.topics` (the language reference sections that `help()` shows),
-   one document per key, named `pydoc_data/topics/<key>`, in sorted key order, after all code documents.
+2. Prose: the entries of the `topics` dict in `pydoc_data/topics.py` (the language reference sections that
+   `help()` shows), one document per key, named `pydoc_data/topics/<key>`, in sorted key order, after all code
+   documents.
 
 The order is therefore "all code by path, then all prose by key"; `max_docs` / `max_bytes` keep a prefix of
 that order (`max_bytes` stops before the first document that would take the UTF-8 total above it), so a small
-truncated corpus is code only. Use the full corpus (on CPython 3.11.7: 666 code files, 10.1 MB, plus 79 prose
-documents, 0.47 MB; fingerprint 0b20cf65...) when the mixture matters.
+truncated corpus is code only (the same holds for the built-in snapshot, which has the same order).
 
-**Python-version dependence.** The default corpus is whatever the running interpreter ships: it differs
-between Python versions (even patch releases change a few files) and between distributions that split or
-patch the standard library (e.g. Debian moves some modules into separate packages). The fingerprint captures
-exactly that: two machines with the same fingerprint read bitwise the same documents. Record
-`describe(docs)` (it includes the Python version) with every run.
+**Python-version dependence.** The stdlib corpus is whatever the running interpreter ships: it differs between
+Python versions (CPython 3.12.1 gives fingerprint 698e21a0..., not 3.11.7's 0b20cf65...; even patch releases
+change a few files) and between distributions that split or patch the standard library (e.g. Debian moves some
+modules into separate packages). Two machines with the same fingerprint read bitwise the same documents. Use it
+only on purpose; record `describe(docs)` (it includes the Python version) with every run.
 
 User corpora (`load_corpus(spec)`)
 ----------------------------------
-- `"default"`: the default corpus above.
+- `"default"`: the built-in snapshot above (the same documents on every interpreter).
+- `"stdlib"`: the running interpreter's standard-library corpus.
 - `"path/to/file.jsonl"` or `"path/to/file.jsonl:field"`: one JSON object per non-empty line, the document
   text in `field` (default `"text"`); documents are named `<path>:<line number>`.
 - anything else: a file path or a glob (`**` recursive) of UTF-8 text files, sorted by path; each file is one
@@ -59,20 +73,31 @@ moves any other document between train and validation, and order is preserved in
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import glob as _glob
+import gzip
 import hashlib
 import json
 import os
 import sys
 import sysconfig
+import zlib
 from typing import Iterable, Sequence
 
 __all__ = [
     "Document",
+    "BUILTIN_VERSION",
+    "BUILTIN_FILE",
+    "BUILTIN_FINGERPRINT",
+    "builtin_corpus",
     "default_corpus",
-    "default_corpus_files",
+    "stdlib_corpus",
+    "stdlib_corpus_files",
+    "read_snapshot",
+    "write_snapshot",
     "load_corpus",
+    "corpus_source",
     "split",
     "fingerprint",
     "total_bytes",
@@ -87,6 +112,75 @@ class Document:
     name: str
     text: str
 
+
+# ---------------------------------------------------------------------------- the built-in (pinned) corpus
+
+BUILTIN_VERSION = "v1"
+BUILTIN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_corpus_v1.jsonl.gz")
+BUILTIN_SOURCE = "CPython 3.11.7 standard library (Lib/), stdlib-corpus rules of deepseek_jax/data/corpus.py"
+BUILTIN_FINGERPRINT = "0b20cf651a0c1ff701155f8ab652200e3ed2bc4c3106abdcf36284a6ede2d5f0"
+BUILTIN_NUM_DOCS = 745
+BUILTIN_NUM_BYTES = 10_591_105
+
+
+def write_snapshot(docs: Sequence[Document], path: str) -> None:
+    """Write documents as gzip'd JSONL, one {"name", "text"} object per line, with a fixed gzip header (no
+    file name, mtime 0), so the file depends only on the documents (and the zlib build)."""
+    lines = b"".join(json.dumps({"name": d.name, "text": d.text}, ensure_ascii=False, sort_keys=True)
+                     .encode("utf-8") + b"\n" for d in docs)
+    with open(path, "wb") as fh:
+        fh.write(gzip.compress(lines, compresslevel=9, mtime=0))
+
+
+def read_snapshot(path: str) -> list[Document]:
+    """The documents of a file written by `write_snapshot`; ValueError naming the file if it is missing or
+    unreadable (bad gzip data or CRC, truncated, not UTF-8 JSON lines, a line without string name/text)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"corpus snapshot {path} does not exist (a deepseek_jax install without its package data?)")
+    try:
+        with open(path, "rb") as fh:
+            raw = gzip.decompress(fh.read())
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"corpus snapshot {path} is corrupt: not a valid gzip file ({e})") from e
+    lines = raw.split(b"\n")
+    if lines[-1] == b"":  # the final newline
+        lines.pop()
+    docs = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corpus snapshot {path} is corrupt: line {lineno} is not UTF-8 JSON ({e})") from e
+        if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(obj.get("text"), str)):
+            raise ValueError(f"corpus snapshot {path} is corrupt: line {lineno} is not a {{name, text}} object")
+        docs.append(Document(obj["name"], obj["text"]))
+    return docs
+
+
+def builtin_corpus(max_docs: int | None = None, max_bytes: int | None = None, *, path: str = BUILTIN_FILE,
+                   expected_fingerprint: str = BUILTIN_FINGERPRINT) -> list[Document]:
+    """The built-in corpus (module docstring): the pinned snapshot, its fingerprint checked at every load.
+
+    `max_docs` / `max_bytes`: a prefix, as in `stdlib_corpus`. `path` / `expected_fingerprint` exist for the
+    tests of the check; callers leave them alone.
+    """
+    _check_limits("builtin_corpus", max_docs, max_bytes)
+    docs = read_snapshot(path)
+    got = fingerprint(docs)
+    if got != expected_fingerprint:
+        raise ValueError(f"corpus snapshot {path}: fingerprint {got[:16]}... != the pinned "
+                         f"{expected_fingerprint[:16]}... of built-in corpus {BUILTIN_VERSION}: the file was "
+                         f"modified or damaged; reinstall deepseek_jax or rebuild it "
+                         f"(python -m deepseek_jax.data.make_builtin_corpus)")
+    return _truncate(docs, max_docs, max_bytes)
+
+
+def default_corpus(max_docs: int | None = None, max_bytes: int | None = None) -> list[Document]:
+    """The corpus of spec "default": `builtin_corpus` (the pinned snapshot)."""
+    return builtin_corpus(max_docs=max_docs, max_bytes=max_bytes)
+
+
+# ------------------------------------------------------------------- the standard-library corpus (rules)
 
 _EXCLUDED_DIRS_ANYWHERE = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"})
 _EXCLUDED_TOP_DIRS = frozenset({"lib-dynload"})
@@ -103,14 +197,15 @@ def _stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def default_corpus_files() -> list[str]:
-    """Relative ('/'-separated, sorted) paths of the stdlib `.py` files the default corpus reads.
+def stdlib_corpus_files(root: str | None = None) -> list[str]:
+    """Relative ('/'-separated, sorted) paths of the `.py` files the stdlib corpus reads under `root` (default:
+    the running interpreter's standard library).
 
-    (Path rules only; `default_corpus` further drops the generated files, which needs their content.)
+    (Path rules only; `stdlib_corpus` further drops the generated files, which needs their content.)
     """
-    root = _stdlib_root()
+    root = _stdlib_root() if root is None else root
     if not os.path.isdir(root):
-        raise ValueError(f"default corpus: the standard-library directory {root!r} does not exist")
+        raise ValueError(f"stdlib corpus: the standard-library directory {root!r} does not exist")
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
@@ -134,10 +229,21 @@ def default_corpus_files() -> list[str]:
     return out
 
 
-def _prose_documents() -> list[Document]:
-    from pydoc_data import topics  # part of the stdlib; imported lazily
-
-    return [Document(f"pydoc_data/topics/{k}", topics.topics[k]) for k in sorted(topics.topics)]
+def _prose_documents(root: str | None = None) -> list[Document]:
+    """The `topics` dict of `<root>/pydoc_data/topics.py`, read as a literal (not imported, so any `Lib/`
+    directory works, not only the running interpreter's)."""
+    root = _stdlib_root() if root is None else root
+    path = os.path.join(root, "pydoc_data", "topics.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"stdlib corpus: {path} does not exist")
+    _, source = _read_utf8(path, f"stdlib corpus: {path} is not valid UTF-8")
+    topics = None
+    for node in ast.parse(source, filename=path).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["topics"]:
+            topics = ast.literal_eval(node.value)
+    if not isinstance(topics, dict):
+        raise ValueError(f"stdlib corpus: {path} has no literal `topics = {{...}}` dict")
+    return [Document(f"pydoc_data/topics/{k}", topics[k]) for k in sorted(topics)]
 
 
 def _read_utf8(path: str, what: str):
@@ -150,17 +256,23 @@ def _read_utf8(path: str, what: str):
         raise ValueError(f"{what} ({e})") from e
 
 
-def default_corpus(max_docs: int | None = None, max_bytes: int | None = None) -> list[Document]:
-    """The built-in corpus (see the module docstring): stdlib code by path, then pydoc topics by key.
+def _check_limits(what: str, max_docs: int | None, max_bytes: int | None) -> None:
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"{what}: max_docs must be >= 1 or None, got {max_docs}")
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"{what}: max_bytes must be >= 1 or None, got {max_bytes}")
+
+
+def stdlib_corpus(max_docs: int | None = None, max_bytes: int | None = None,
+                  root: str | None = None) -> list[Document]:
+    """The standard-library corpus (module docstring) of `root` (default: the running interpreter's): code by
+    path, then pydoc topics by key. NOT the same on every Python version; see `builtin_corpus` for that.
 
     `max_docs` keeps the first `max_docs` documents; `max_bytes` stops before the first document that would take
     the total UTF-8 size above `max_bytes`. Both are prefixes of the same fixed order, hence deterministic.
     """
-    if max_docs is not None and max_docs < 1:
-        raise ValueError(f"default_corpus: max_docs must be >= 1 or None, got {max_docs}")
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"default_corpus: max_bytes must be >= 1 or None, got {max_bytes}")
-    root = _stdlib_root()
+    _check_limits("stdlib_corpus", max_docs, max_bytes)
+    root = _stdlib_root() if root is None else root
     docs: list[Document] = []
     used = 0
 
@@ -175,16 +287,16 @@ def default_corpus(max_docs: int | None = None, max_bytes: int | None = None) ->
         used += nbytes
         return True
 
-    for rel in default_corpus_files():
+    for rel in stdlib_corpus_files(root):
         if full():
             return docs
         path = os.path.join(root, *rel.split("/"))
-        raw, text = _read_utf8(path, f"default corpus: {path} is not valid UTF-8")
+        raw, text = _read_utf8(path, f"stdlib corpus: {path} is not valid UTF-8")
         if _is_generated(text):
             continue
         if not add(Document(f"stdlib/{rel}", text), len(raw)):
             return docs
-    for doc in _prose_documents():
+    for doc in _prose_documents(root):
         if full() or not add(doc, len(doc.text.encode("utf-8"))):
             return docs
     return docs
@@ -233,7 +345,8 @@ def _load_text_files(spec: str) -> list[Document]:
             raise ValueError(f"corpus: the glob {spec!r} matches no files")
     else:
         if not os.path.isfile(spec):
-            raise ValueError(f"corpus: file {spec!r} does not exist (use 'default', a file, a glob or a .jsonl)")
+            raise ValueError(f"corpus: file {spec!r} does not exist (use 'default', 'stdlib', a file, a glob or a "
+                             f".jsonl)")
         paths = [spec]
     docs = []
     for p in paths:
@@ -254,17 +367,30 @@ def _parse_jsonl_spec(spec: str) -> tuple[str, str] | None:
 
 
 def load_corpus(spec: str, max_docs: int | None = None, max_bytes: int | None = None) -> list[Document]:
-    """Load a corpus from a spec: "default", "file.jsonl[:field]", or a text file / glob. See module docstring.
+    """Load a corpus from a spec: "default" (the built-in snapshot), "stdlib" (the running interpreter's
+    standard library), "file.jsonl[:field]", or a text file / glob. See the module docstring.
 
-    `max_docs` / `max_bytes` keep a prefix of the document order (as in `default_corpus`).
+    `max_docs` / `max_bytes` keep a prefix of the document order (as in `stdlib_corpus`).
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"corpus: spec must be a non-empty string, got {spec!r}")
     if spec == "default":
-        return default_corpus(max_docs=max_docs, max_bytes=max_bytes)
+        return builtin_corpus(max_docs=max_docs, max_bytes=max_bytes)
+    if spec == "stdlib":
+        return stdlib_corpus(max_docs=max_docs, max_bytes=max_bytes)
     jsonl = _parse_jsonl_spec(spec)
     docs = _load_jsonl(*jsonl) if jsonl else _load_text_files(spec)
     return _truncate(docs, max_docs, max_bytes)
+
+
+def corpus_source(spec: str) -> str:
+    """One line saying where a spec's documents come from, for run records (summary.json)."""
+    if spec == "default":
+        return f"built-in corpus {BUILTIN_VERSION} ({BUILTIN_SOURCE}; {os.path.basename(BUILTIN_FILE)})"
+    if spec == "stdlib":
+        return (f"standard library of the running interpreter ({sys.implementation.name} "
+                f"{sys.version.split()[0]}, {_stdlib_root()}); differs between Python versions")
+    return f"user corpus {spec!r}"
 
 
 def _truncate(docs: list[Document], max_docs: int | None, max_bytes: int | None) -> list[Document]:
@@ -322,9 +448,11 @@ def total_bytes(docs: Iterable[Document]) -> int:
 
 
 def describe(docs: Sequence[Document], spec: str | None = None) -> dict:
-    """A small JSON-serialisable record of a corpus for run metadata: spec, counts, bytes, fingerprint, Python."""
+    """A small JSON-serialisable record of a corpus for run metadata: spec, source, counts, bytes, fingerprint,
+    Python."""
     return {
         "spec": spec,
+        "source": corpus_source(spec) if spec else None,
         "num_docs": len(docs),
         "num_bytes": total_bytes(docs),
         "fingerprint": fingerprint(docs),

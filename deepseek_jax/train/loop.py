@@ -3,7 +3,8 @@
 ``run(config)`` takes an ml_collections ConfigDict (see experiments/configs/quickstart.py for every field):
 
   model.preset / model.overrides   the architecture (vocab and EOS come from the tokenizer)
-  data.*                           corpus, tokenizer, seq_len, batch_size, fim_rate, val_fraction, seed,
+  data.*                           corpus ("default" = the pinned built-in snapshot, deepseek_jax/data/corpus.py),
+                                   tokenizer, seq_len, batch_size, fim_rate, val_fraction, seed,
                                    batch_ramp (optional: start, tokens -> the paper's batch-size ramp)
   train                            deepseek_jax.train.step.default_train_config(...) (recipe, schedules)
   loop.*                           out_dir, ckpt_every, keep, eval_every, eval_batches, log_every, seed,
@@ -292,7 +293,7 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep)
     meta_base = {"config": _comparable(cfg), "model_config": mcfg.to_dict(), "corpus_fingerprint": fp,
                  "corpus": {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
-                            "bytes": data_lib.total_bytes(docs)},
+                            "bytes": data_lib.total_bytes(docs), "source": data_lib.corpus_source(cfg.data.corpus)},
                  "code_version": _code_version(), "machine": machine_info(),
                  "mesh": dict(mesh.shape) if mesh is not None else None, "processes": jax.process_count()}
     restored = ckpt.restore_latest(abstract_like(state))

@@ -56,6 +56,7 @@ def base_config(total_steps: int = 300, peak_lr: float = 2e-3, warmup_steps: int
     """The full run config every arm starts from (the fields of experiments/configs/quickstart.py)."""
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict({"preset": "small", "overrides": dict(BASE_MODEL)})
+    # corpus "default": the pinned built-in snapshot v1 (deepseek_jax/data/corpus.py), the same on every interpreter
     c.data = ml_collections.ConfigDict(dict(corpus="default", tokenizer="byte", seq_len=seq_len,
                                             batch_size=batch_size, fim_rate=0.0, val_fraction=0.05, seed=0))
     c.train = default_train_config(total_steps=total_steps, peak_lr=peak_lr, warmup_steps=warmup_steps)

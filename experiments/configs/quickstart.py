@@ -1,6 +1,8 @@
-"""Quickstart: a small DeepSeek-V3-shaped model trained on the built-in corpus (Python's own sources and docs)
-on CPU in a few minutes. MLA with q compression, DeepSeekMoE (1 shared + 32 routed experts, top-4 in 4 groups of
-which 2 are kept), a dense first layer, aux-loss-free balancing, MTP depth 1, byte-level tokens, FIM 0.1.
+"""Quickstart: a small DeepSeek-V3-shaped model trained on the built-in corpus (corpus "default": the pinned
+snapshot v1 of CPython 3.11.7's standard-library sources and docs, the same on every interpreter; "stdlib" would
+read the running interpreter's own, which differs between Python versions) on CPU in a few minutes. MLA with q
+compression, DeepSeekMoE (1 shared + 32 routed experts, top-4 in 4 groups of which 2 are kept), a dense first
+layer, aux-loss-free balancing, MTP depth 1, byte-level tokens, FIM 0.1.
 
     python -m experiments.run --config=experiments/configs/quickstart.py
 """

@@ -1,5 +1,7 @@
-"""Data: default corpus, user corpora, split, fingerprint, tokenizers, FIM, packing, resume, evaluation batches."""
+"""Data: built-in and stdlib corpora, user corpora, split, fingerprint, tokenizers, FIM, packing, resume, evaluation batches."""
+import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -22,25 +24,112 @@ def _docs(n, seed=0, min_len=1, max_len=60):
 # ----------------------------------------------------------------------------------------------- corpus
 
 
-def test_default_corpus_deterministic_and_nontrivial():
-    a = C.default_corpus(max_docs=40)
-    b = C.default_corpus(max_docs=40)
+# The pinned built-in corpus v1, written out here independently of corpus.py's constants: changing the
+# snapshot (or the constants) must fail this test, on every interpreter (CI runs it on Python 3.11 and 3.12).
+V1_FINGERPRINT = "0b20cf651a0c1ff701155f8ab652200e3ed2bc4c3106abdcf36284a6ede2d5f0"
+CPYTHON_3_11_7_LIB = os.path.join(os.path.expanduser(os.environ.get("PYENV_ROOT", "~/.pyenv")), "versions", "3.11.7",
+                                  "lib", "python3.11")
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return C.builtin_corpus()
+
+
+def test_builtin_corpus_is_pinned(builtin):
+    assert C.fingerprint(builtin) == V1_FINGERPRINT == C.BUILTIN_FINGERPRINT
+    assert len(builtin) == 745 and C.total_bytes(builtin) == 10_591_105
+    assert C.load_corpus("default") == builtin and C.default_corpus() == builtin
+    names = [d.name for d in builtin]
+    code = [n for n in names if n.startswith("stdlib/")]
+    assert names[:len(code)] == code == sorted(code) and len(code) == 666  # code first, by path, then prose
+    assert names[len(code):] == sorted(names[len(code):]) and all(n.startswith("pydoc_data/topics/")
+                                                                 for n in names[len(code):])
+    assert "stdlib/os.py" in code and "stdlib/json/decoder.py" in code
+    assert "def makedirs(name, mode=0o777, exist_ok=False):" in builtin[names.index("stdlib/os.py")].text
+    # A prefix of the same order, as for the stdlib corpus.
+    assert C.builtin_corpus(max_docs=10) == builtin[:10]
+    assert C.builtin_corpus(max_bytes=C.total_bytes(builtin[:5]) + 1) == builtin[:5]
+    d = C.describe(builtin, "default")
+    assert d["fingerprint"] == V1_FINGERPRINT and "built-in corpus v1" in d["source"]
+    with pytest.raises(ValueError, match="max_docs"):
+        C.builtin_corpus(max_docs=0)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(CPYTHON_3_11_7_LIB, "os.py")),
+                    reason=f"CPython 3.11.7's standard library not found at {CPYTHON_3_11_7_LIB}")
+def test_builtin_corpus_is_the_stdlib_corpus_of_cpython_3_11_7(builtin):
+    # The independent reference: the stdlib rules applied to the source the snapshot documents (read as files, so
+    # this runs on any interpreter). Also what make_builtin_corpus checks before writing.
+    assert C.stdlib_corpus(root=CPYTHON_3_11_7_LIB) == builtin
+
+
+def _rewrite_gz(src, dst, edit):
+    raw = bytearray(gzip.decompress(open(src, "rb").read()))
+    edit(raw)
+    with open(dst, "wb") as fh:
+        fh.write(gzip.compress(bytes(raw), mtime=0))
+
+
+def test_corrupt_snapshot_raises_naming_the_file(tmp_path):
+    src = C.BUILTIN_FILE
+    blob = open(src, "rb").read()
+    flipped = tmp_path / "flipped.jsonl.gz"  # one byte of the compressed stream: bad data or CRC
+    b = bytearray(blob)
+    b[len(b) // 2] ^= 0x55
+    flipped.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match=f"{flipped}.*corrupt"):
+        C.builtin_corpus(path=str(flipped))
+    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated.write_bytes(blob[:len(blob) // 3])
+    with pytest.raises(ValueError, match=f"{truncated}.*corrupt"):
+        C.builtin_corpus(path=str(truncated))
+    # Valid gzip and JSON, one character of one document changed: only the fingerprint can tell.
+    edited = tmp_path / "edited.jsonl.gz"
+    _rewrite_gz(src, edited, lambda raw: raw.__setitem__(raw.index(b"def makedirs("), ord("D")))
+    assert len(C.read_snapshot(str(edited))) == 745
+    with pytest.raises(ValueError, match=f"{edited}: fingerprint .* != the pinned 0b20cf651a0c1ff7"):
+        C.builtin_corpus(path=str(edited))
+    # A line that is not a document.
+    badline = tmp_path / "badline.jsonl.gz"
+    _rewrite_gz(src, badline, lambda raw: raw.__setitem__(slice(0, 1), b"["))
+    with pytest.raises(ValueError, match=f"{badline}.*line 1"):
+        C.builtin_corpus(path=str(badline))
+    with pytest.raises(ValueError, match="does not exist"):
+        C.builtin_corpus(path=str(tmp_path / "missing.jsonl.gz"))
+
+
+def test_snapshot_round_trip(tmp_path):
+    docs = _docs(30, seed=3) + [Document("quote\"and\nnewline", "line\n\u2028sep\r\n\x00end")]
+    p = tmp_path / "s.jsonl.gz"
+    C.write_snapshot(docs, str(p))
+    assert C.read_snapshot(str(p)) == docs
+    first = p.read_bytes()
+    C.write_snapshot(docs, str(p))
+    assert p.read_bytes() == first  # no timestamp in the file
+
+
+def test_stdlib_corpus_deterministic_and_nontrivial():
+    a = C.stdlib_corpus(max_docs=40)
+    b = C.stdlib_corpus(max_docs=40)
     assert a == b and C.fingerprint(a) == C.fingerprint(b)
     assert len(a) == 40 and C.total_bytes(a) > 100_000
     names = [d.name for d in a]
     assert names == sorted(names) and all(n.startswith("stdlib/") for n in names)
     assert len(set(names)) == len(names)
     # A prefix of the same order.
-    assert C.default_corpus(max_docs=10) == a[:10]
+    assert C.stdlib_corpus(max_docs=10) == a[:10]
     cap = C.total_bytes(a[:5]) + 1
-    assert C.default_corpus(max_bytes=cap) == a[:5]
-    d = C.describe(a, "default")
+    assert C.stdlib_corpus(max_bytes=cap) == a[:5]
+    assert C.load_corpus("stdlib", max_docs=40) == a
+    d = C.describe(a, "stdlib")
     assert d["num_docs"] == 40 and d["fingerprint"] == C.fingerprint(a) and d["python_version"]
+    assert "running interpreter" in d["source"]
     json.dumps(d)
 
 
-def test_default_corpus_full_listing():
-    files = C.default_corpus_files()
+def test_stdlib_corpus_full_listing():
+    files = C.stdlib_corpus_files()
     assert len(files) > 300, len(files)  # CPython 3.11: 731
     assert files == sorted(files)
     for f in files:
@@ -49,7 +138,7 @@ def test_default_corpus_full_listing():
         assert not parts[-1].startswith("_sysconfigdata_")
     assert "pydoc_data/topics.py" not in files
     assert "os.py" in files and "json/decoder.py" in files
-    docs = C.default_corpus()
+    docs = C.stdlib_corpus()
     code = [d for d in docs if d.name.startswith("stdlib/")]
     assert [d.name for d in docs[:len(code)]] == [d.name for d in code]  # code first, then prose
     assert len(code) > 300 and C.total_bytes(code) > 5_000_000
@@ -58,6 +147,9 @@ def test_default_corpus_full_listing():
     prose = C._prose_documents()
     assert docs[len(code):] == prose
     assert len(prose) > 20 and [p.name for p in prose] == sorted(p.name for p in prose)
+    # The topics are read from the file as a literal; the imported module is the reference.
+    from pydoc_data import topics
+    assert {p.name: p.text for p in prose} == {f"pydoc_data/topics/{k}": v for k, v in topics.topics.items()}
 
 
 def test_fingerprint_sensitive_and_unambiguous():
@@ -426,8 +518,8 @@ def test_eval_batches_cover_every_token_once():
         P.make_eval_batches([], BYTE, seq, bs)
 
 
-def test_default_corpus_end_to_end_small():
-    docs = C.default_corpus(max_docs=20)
+def test_builtin_corpus_end_to_end_small():
+    docs = C.builtin_corpus(max_docs=20)
     tr, va = C.split(docs, 0.2)
     assert tr and va
     it = P.make_train_iterator(tr, BYTE, 64, 2, seed=0, fim_rate=0.1)

@@ -49,3 +49,12 @@ def test_accounting(tiny_plan):
     n_micro = 16 / 8  # 16 sequences over 8 batch shards, 1 per micro-batch
     assert a["routed_rows_balanced"] == pytest.approx(
         (cfg.num_moe_layers + 1) * 6 * n_micro * 8 * 2 * 64 * 2 * 3 / 4)
+
+
+def test_abstract_mesh_axis_types_match_the_concrete_mesh():
+    # jax >= 0.11 defaults AbstractMesh to Explicit axes (Mesh stays Auto); the plan must lower the program a run
+    # compiles, so both meshes must carry the same axis types on every supported jax (compat.abstract_mesh).
+    from deepseek_jax import sharding
+    spec = "fsdp=2,expert=4"
+    assert sharding.abstract_mesh(spec).axis_types == sharding.make_mesh(spec).axis_types
+    assert sharding.abstract_mesh(spec).axis_types == sharding.make_mesh(spec).abstract_mesh.axis_types
