@@ -288,6 +288,9 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         """A validated copy with some fields changed (``rope_scaling`` may be given as a dict)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
         if isinstance(changes.get("rope_scaling"), Mapping):
             changes["rope_scaling"] = YarnConfig(**changes["rope_scaling"])
         if "fp8" in changes:
