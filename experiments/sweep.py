@@ -87,6 +87,12 @@ def comparable(cfg) -> Dict[str, Any]:
     return _comparable(cfg)
 
 
+def config_diff(theirs, mine) -> List[str]:
+    """The fields the training loop's resume check would see as different."""
+    from deepseek_jax.train.loop import config_diff as diff
+    return diff(theirs, mine)
+
+
 def missing_fields(mod, arm: str) -> List[str]:
     """ModelConfig fields an arm needs that this checkout does not have (e.g. fp8 before the FP8 work lands)."""
     import dataclasses
@@ -139,7 +145,7 @@ def run_experiment(mod, arms: Optional[Sequence[str]] = None, seeds: Optional[Se
             rd = run_dir(results_root, mod.EXPERIMENT, arm, seed)
             if os.path.exists(os.path.join(rd, "summary.json")):
                 with open(os.path.join(rd, "config.json")) as f:
-                    if json.load(f) == comparable(cfg):
+                    if not config_diff(json.load(f), comparable(cfg)):
                         done["skipped"].append((arm, seed))
                         continue
                 stale.append((arm, seed, rd))
