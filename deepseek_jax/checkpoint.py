@@ -173,6 +173,16 @@ class Checkpointer:
         meta.pop(CHECKSUMS, None)
         return out["state"], out["data"], meta
 
+    def restore_untargeted(self, step: int, only: Tuple[str, ...] = ("params", "router")) -> Tuple[Any, None, Dict]:
+        """(state as saved, None, meta) without a target (generate.py: no TrainState to restore into); the
+        checksums of the leaves under ``only`` are verified."""
+        out = self._mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                    meta=ocp.args.JsonRestore()))
+        meta = dict(out["meta"])
+        verify(out["state"], None, meta, os.path.join(self.directory, str(step)), only=only)
+        meta.pop(CHECKSUMS, None)
+        return out["state"], None, meta
+
     def move_aside(self, step: int) -> str:
         """Rename ``<dir>/<step>`` to ``<dir>/<step>.corrupt`` (``.corrupt.1``, ... if taken); returns the path."""
         src = os.path.join(self.directory, str(step))
@@ -188,10 +198,12 @@ class Checkpointer:
         self._mngr.reload()
         return dst
 
-    def restore_latest(self, abstract_state: Any, restore_fn=None) -> Optional[Tuple[int, Any, Dict, Dict]]:
+    def restore_latest(self, abstract_state: Any, restore_fn=None,
+                       move_aside: bool = True) -> Optional[Tuple[int, Any, Dict, Dict]]:
         """(step, state, data_state, meta) of the newest checkpoint that restores, or None if there is none.
-        A step that fails is moved aside (``move_aside``) with one line on stderr, and the previous one tried.
-        ``restore_fn(step) -> (state, data, meta)`` replaces ``self.restore`` (generate.py restores untargeted)."""
+        A step that fails is moved aside (``move_aside``; a reader such as generate.py passes False and leaves
+        it) with one line on stderr, and the previous one tried. ``restore_fn(step) -> (state, data, meta)``
+        replaces ``self.restore`` (generate.py restores untargeted)."""
         restore_fn = restore_fn or (lambda s: self.restore(s, abstract_state))
         steps = self.steps()
         failed = []
@@ -204,13 +216,14 @@ class Checkpointer:
                 if self.log_path:
                     with open(self.log_path, "a") as f:
                         f.write(f"restore of step {step} failed:\n{traceback.format_exc()}\n")
-                dst = self.move_aside(step)
+                where = (f"moved aside to {self.move_aside(step)}" if move_aside else
+                         f"skipped ({os.path.join(self.directory, str(step))})")
                 failed.append(step)
-                print(f"checkpoint step {step} could not be restored ({_one_line(e)}); moved aside to {dst}"
+                print(f"checkpoint step {step} could not be restored ({_one_line(e)}); {where}"
                       + (f" (details in {self.log_path})" if self.log_path else ""), file=sys.stderr)
         if steps:
-            raise CheckpointError(f"none of the checkpoints {failed} in {self.directory} could be restored; "
-                                  f"they were moved aside to <step>{CORRUPT_SUFFIX}")
+            raise CheckpointError(f"none of the checkpoints {failed} in {self.directory} could be restored"
+                                  + (f"; they were moved aside to <step>{CORRUPT_SUFFIX}" if move_aside else ""))
         return None
 
     def close(self):
