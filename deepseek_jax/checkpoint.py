@@ -173,15 +173,15 @@ class Checkpointer:
         meta.pop(CHECKSUMS, None)
         return out["state"], out["data"], meta
 
-    def restore_untargeted(self, step: int, only: Tuple[str, ...] = ("params", "router")) -> Tuple[Any, None, Dict]:
-        """(state as saved, None, meta) without a target (generate.py: no TrainState to restore into); the
-        checksums of the leaves under ``only`` are verified."""
-        out = self._mngr.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                    meta=ocp.args.JsonRestore()))
+    def restore_untargeted(self, step: int, only: Tuple[str, ...] = ("params", "router")) -> Tuple[Any, Dict, Dict]:
+        """(state as saved, data_state, meta) without a target (generate.py: no TrainState to restore into); the
+        checksums of the leaves under ``only`` (all leaves when empty) and of the data state are verified."""
+        out = self._mngr.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         meta = dict(out["meta"])
-        verify(out["state"], None, meta, os.path.join(self.directory, str(step)), only=only)
+        verify(out["state"], out["data"], meta, os.path.join(self.directory, str(step)), only=only)
         meta.pop(CHECKSUMS, None)
-        return out["state"], None, meta
+        return out["state"], out["data"], meta
 
     def move_aside(self, step: int) -> str:
         """Rename ``<dir>/<step>`` to ``<dir>/<step>.corrupt`` (``.corrupt.1``, ... if taken); returns the path."""
