@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     machine = bench_machine(load_before, loadavg())
     cmd = "python -m benchmarks.kill_resume" + (f" --trials {args.trials}" if args.trials != 10 else "") + (
         f" --seed {args.seed}" if args.seed else "") + " --write"
-    summary = f"{ok}/{len(trials)} trials bitwise equal to the uninterrupted run (state, data state, validation, metrics)"
+    summary = (f"{ok}/{len(trials)} trials bitwise equal to the uninterrupted run (state, data state, validation, "
+               f"metrics)")
     print(summary)
     if args.write:
         md = ["# Kill -9 and resume vs an uninterrupted run", "",

@@ -286,8 +286,9 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
 
 def _refuse_nonfinite(bad_b: np.ndarray) -> None:
     if bad_b.any():
-        raise ValueError(f"generate: the model produced non-finite logits for prompt(s) {np.flatnonzero(bad_b).tolist()} "
-                         "(NaN/inf parameters, or an out-of-range token id or position); no tokens returned")
+        raise ValueError(f"generate: the model produced non-finite logits for prompt(s) "
+                         f"{np.flatnonzero(bad_b).tolist()} (NaN/inf parameters, or an out-of-range token id or "
+                         "position); no tokens returned")
 
 
 def generate_batch(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], max_new_tokens: int,

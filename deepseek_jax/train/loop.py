@@ -23,9 +23,10 @@ Guarantees:
 - The whole config is validated (fields named, nothing written) before the output directory is touched.
 - Rerunning the same command resumes from the newest checkpoint that restores: a corrupt one (unreadable, or
   failing its content checksums) is moved aside to ``checkpoints/<step>.corrupt`` with one line on stderr (the
-  details in ``<out_dir>/run.log``), so the rerun can save that step again. Everything that determines the future is in the checkpoint: params, optimizer
-  state, router bias, step (the clock of every schedule), skipped-step count and the data iterator's state, so
-  a run killed at any point and restarted ends bitwise identical to an uninterrupted one.
+  details in ``<out_dir>/run.log``), so the rerun can save that step again. Everything that determines the
+  future is in the checkpoint: params, optimizer state, router bias, step (the clock of every schedule),
+  skipped-step count and the data iterator's state, so a run killed at any point and restarted ends bitwise
+  identical to an uninterrupted one (benchmarks/kill_resume.py kills at 10 random points).
 - SIGTERM / SIGINT finish the current step, write a checkpoint, and exit.
 - A non-finite loss or gradient never changes the state (train_step skips the update), so no checkpoint ever
   holds one; with ``train.nonfinite = "stop"`` the run stops at once with a message and writes nothing.

@@ -288,8 +288,8 @@ def test_truncate_jsonl_drops_a_torn_final_line_only(tmp_path):
 
 def test_skipped_steps_over_the_limit_fail_loudly_and_step0_validation_is_not_duplicated(tmp_path, capfd):
     """lr 1e30: every update overflows (its norm is inf), so every step is skipped and the run learns nothing;
-    it used to finish with exit 0. It keeps its checkpoint and summary but raises (experiments.run exits 3). The directory also holds what a run
-    killed before its first checkpoint leaves: config.json and a step-0 validation record, which is not
+    it used to finish with exit 0. It keeps its checkpoint and summary but raises (experiments.run exits 3).
+    The directory also holds what a run killed before its first checkpoint leaves: config.json and a step-0 validation record, which is not
     duplicated (the sweep used to drop such a seed from its means)."""
     out = tmp_path / "lr"
     c = _cfg(out)
@@ -316,8 +316,9 @@ def _cli(out_dir, *extra, timeout=180):
 
 @pytest.mark.parametrize("extra,message", [
     (("--config.loop.ckpt_every=0",), "error: loop.ckpt_every must be an int >= 1, got 0"),
-    (("--config.model.overrides.num_hidden_layers=0",), "error: model (model.preset='tiny' + model.overrides): "
-                                                         "ModelConfig.num_hidden_layers: must be a positive int, got 0"),
+    (("--config.model.overrides.num_hidden_layers=0",),
+     "error: model (model.preset='tiny' + model.overrides): ModelConfig.num_hidden_layers: must be a positive int, "
+     "got 0"),
     (("--config.train.bogus=1",), "error: --config.train.bogus: the config has no field 'train.bogus'"),
 ])
 def test_cli_config_errors_are_one_line_exit_2(tmp_path, extra, message):
