@@ -289,8 +289,8 @@ def test_truncate_jsonl_drops_a_torn_final_line_only(tmp_path):
 def test_skipped_steps_over_the_limit_fail_loudly_and_step0_validation_is_not_duplicated(tmp_path, capfd):
     """lr 1e30: every update overflows (its norm is inf), so every step is skipped and the run learns nothing;
     it used to finish with exit 0. It keeps its checkpoint and summary but raises (experiments.run exits 3).
-    The directory also holds what a run killed before its first checkpoint leaves: config.json and a step-0 validation record, which is not
-    duplicated (the sweep used to drop such a seed from its means)."""
+    The directory also holds what a run killed before its first checkpoint leaves: config.json and a step-0
+    validation record, which is not duplicated (the sweep used to drop such a seed from its means)."""
     out = tmp_path / "lr"
     c = _cfg(out)
     c.train.total_steps, c.loop.eval_every, c.loop.ckpt_every = 4, 4, 4
