@@ -43,6 +43,15 @@ class YarnConfig:
     truncate: bool = True
 
     def __post_init__(self):
+        for name in ("factor", "beta_fast", "beta_slow"):
+            _check(_is_real(getattr(self, name)), f"rope_scaling.{name}",
+                   f"must be a finite number, got {getattr(self, name)!r}")
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            v = getattr(self, name)
+            _check(v is None or _is_real(v), f"rope_scaling.{name}", f"must be null or a finite number, got {v!r}")
+        _check(_is_int(self.original_max_position_embeddings), "rope_scaling.original_max_position_embeddings",
+               f"must be an int, got {self.original_max_position_embeddings!r}")
+        _check(isinstance(self.truncate, bool), "rope_scaling.truncate", f"must be a bool, got {self.truncate!r}")
         _check(self.factor >= 1.0, "rope_scaling.factor", f"must be >= 1, got {self.factor}")
         _check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings",
                f"must be positive, got {self.original_max_position_embeddings}")
@@ -128,6 +137,15 @@ POLICY_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat
 def _check(ok: bool, field: str, rule: str) -> None:
     if not ok:
         raise ValueError(f"ModelConfig.{field}: {rule}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    """A finite int or float (not a bool, not a string such as "1e-6")."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +261,10 @@ class ModelConfig:
                    and self.num_attention_heads % kvh == 0, "num_key_value_heads",
                    f"attention='gqa' needs a positive int dividing num_attention_heads="
                    f"{self.num_attention_heads}, got {kvh!r}")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor"):
+            _check(_is_real(getattr(self, name)), name, f"must be a finite number, got {getattr(self, name)!r}")
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            _check(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         _check(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
         _check(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         _check(self.initializer_range > 0, "initializer_range", f"must be positive, got {self.initializer_range}")
@@ -256,7 +278,8 @@ class ModelConfig:
         for name in ("bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             if v is not None:
-                _check(0 <= v < self.vocab_size, name, f"must be in [0, vocab_size={self.vocab_size}), got {v}")
+                _check(_is_int(v) and 0 <= v < self.vocab_size, name,
+                       f"must be null or an int in [0, vocab_size={self.vocab_size}), got {v!r}")
 
     # ----- derived sizes -----
     @property
@@ -297,6 +320,9 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         """A validated copy with some fields changed (``rope_scaling`` may be given as a dict)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
         if isinstance(changes.get("rope_scaling"), Mapping):
             changes["rope_scaling"] = YarnConfig(**changes["rope_scaling"])
         if "fp8" in changes:
@@ -325,6 +351,8 @@ class ModelConfig:
         """Build from a hub ``config.json`` dict. Accepts both spellings of the rope settings:
         the hub's ``rope_theta`` + ``rope_scaling`` and newer transformers' ``rope_parameters`` (which also
         writes ``head_dim`` = qk_rope_head_dim; that key is ignored)."""
+        if not isinstance(hf, Mapping):
+            raise ValueError(f"config.json: a JSON object expected, got {type(hf).__name__}")
         hf = dict(hf)
         mt = hf.get("model_type")
         if mt is not None and mt not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
@@ -340,9 +368,14 @@ class ModelConfig:
         rope = hf.get("rope_parameters")
         theta = hf.get("rope_theta")
         scaling = hf.get("rope_scaling")
+        for key, v in (("rope_parameters", rope), ("rope_scaling", scaling)):
+            if v is not None and not isinstance(v, Mapping):
+                raise ValueError(f"config.json: {key} must be an object or null, got {type(v).__name__} {v!r:.40}")
         if rope is not None:
             theta = rope.get("rope_theta", theta)
             scaling = rope
+        if theta is not None and not _is_real(theta):
+            raise ValueError(f"config.json: rope_theta must be a number, got {theta!r:.40}")
         yarn = None
         if scaling:
             rtype = scaling.get("rope_type", scaling.get("type", "default"))
@@ -379,7 +412,11 @@ class ModelConfig:
         if "initializer_range" not in hf:
             kw.pop("initializer_range", None)
         if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
+            eos = kw["eos_token_id"]
+            if not eos or not all(_is_int(e) for e in eos):
+                raise ValueError(f"config.json: eos_token_id must be an int or a non-empty list of ints, got "
+                                 f"{eos!r:.40}")
+            kw["eos_token_id"] = eos[0]
         kw["rope_theta"] = float(theta) if theta is not None else 10000.0
         kw["rope_scaling"] = yarn
         kw.update(overrides)

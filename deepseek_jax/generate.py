@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import hf
+from deepseek_jax.checkpoint import CheckpointError, Checkpointer
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.data.tokenizer import get_tokenizer
 from deepseek_jax.layers.attention import init_layer_cache
@@ -235,7 +236,8 @@ def _shapes(cfg: ModelConfig, prompts, max_len: int) -> Tuple[np.ndarray, np.nda
 def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: ModelConfig, cache_len: int,
             max_new_tokens: int, sampling: Sampling, return_logits: bool, dot_general=None):
     """Prefill (naive) + while_loop of absorbed decode steps. Returns (tokens [B, N] (PAD_OUT after a row
-    stopped), counts [B], logits [B, N, V] or None). limits_b: new tokens allowed per row."""
+    stopped), counts [B], logits [B, N, V] or None, bad [B]: a row sampled from non-finite logits).
+    limits_b: new tokens allowed per row."""
 
     B, P = tokens_bp.shape
     net, step_net = Transformer(cfg, dot_general), Transformer(_step_cfg(cfg, B), dot_general, stacked=False)
@@ -250,6 +252,7 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
                   else jnp.zeros((), jnp.float32))
     count_b = jnp.ones((B,), jnp.int32)
     done_b = (tok_b == eos_id) | (count_b >= limits_b)
+    bad_b = ~jnp.isfinite(last_bv).all(-1)
     step_vars = unstack_layers(variables, cfg)  # per-layer weights, sliced once, outside the loop
 
     def cond(c):
@@ -257,12 +260,13 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
         return (i < N) & ~jnp.all(done_b)
 
     def body(c):
-        i, tok_b, pos_b, cache, count_b, done_b, toks_bn, logits_bnv, rng = c
+        i, tok_b, pos_b, cache, count_b, done_b, toks_bn, logits_bnv, rng, bad_b = c
         o = step_net.apply(step_vars, tok_b[:, None], pos_b[:, None], cache, absorb=True)
         step_bv = o.logits[:, 0].astype(jnp.float32)
         rng, sub = jax.random.split(rng)
         nxt_b = sample_logits(step_bv, sub, sampling.temperature, sampling.top_k, sampling.top_p)
         live_b = ~done_b
+        bad_b = bad_b | (live_b & ~jnp.isfinite(step_bv).all(-1))
         toks_bn = toks_bn.at[:, i].set(jnp.where(live_b, nxt_b, PAD_OUT))
         if return_logits:
             logits_bnv = logits_bnv.at[:, i].set(step_bv)
@@ -271,11 +275,19 @@ def _decode(variables, tokens_bp, lengths_b, limits_b, eos_id, rng, *, cfg: Mode
         # a stopped row keeps feeding its last token at its last position: same values into the same slot
         tok_b = jnp.where(live_b, nxt_b, tok_b)
         pos_b = jnp.where(live_b, pos_b + 1, pos_b)
-        return i + 1, tok_b, pos_b, o.cache, count_b, done_b, toks_bn, logits_bnv, rng
+        return i + 1, tok_b, pos_b, o.cache, count_b, done_b, toks_bn, logits_bnv, rng, bad_b
 
-    c = (jnp.int32(1), tok_b, lengths_b, unstack_cache(out.cache), count_b, done_b, toks_bn, logits_bnv, rng)
+    c = (jnp.int32(1), tok_b, lengths_b, unstack_cache(out.cache), count_b, done_b, toks_bn, logits_bnv, rng,
+         bad_b)
     c = jax.lax.while_loop(cond, body, c)
-    return c[6], c[4], (c[7] if return_logits else None)
+    return c[6], c[4], (c[7] if return_logits else None), c[9]
+
+
+def _refuse_nonfinite(bad_b: np.ndarray) -> None:
+    if bad_b.any():
+        raise ValueError(f"generate: the model produced non-finite logits for prompt(s) "
+                         f"{np.flatnonzero(bad_b).tolist()} (NaN/inf parameters, or an out-of-range token id or "
+                         "position); no tokens returned")
 
 
 def generate_batch(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -294,11 +306,12 @@ def generate_batch(cfg: ModelConfig, variables, prompts: Sequence[Sequence[int]]
     tokens_bp, lengths_b, cache_len = _shapes(cfg, prompts, max_len)
     limits_b = np.minimum(max_new_tokens, max_len - lengths_b).astype(np.int32)
     eos = jnp.int32(_eos(eos_id, cfg.vocab_size))
-    toks, counts, logits = _decode(variables, jnp.asarray(tokens_bp), jnp.asarray(lengths_b),
+    toks, counts, logits, bad = _decode(variables, jnp.asarray(tokens_bp), jnp.asarray(lengths_b),
                                    jnp.asarray(limits_b), eos, jax.random.PRNGKey(seed), cfg=cfg, cache_len=cache_len,
                                    max_new_tokens=int(max_new_tokens), sampling=sampling,
                                    return_logits=return_logits, dot_general=dot_general)
     toks, counts = np.asarray(toks), np.asarray(counts)
+    _refuse_nonfinite(np.asarray(bad))
     new = [toks[i, :counts[i]] for i in range(B)]
     if return_logits:
         logits = np.asarray(logits)
@@ -350,6 +363,7 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
     pos_1p = jnp.arange(P, dtype=jnp.int32)[None]
     out = net.apply(variables, tokens_1p, pos_1p, init_cache(cfg, 1, cache_len, cfg.dtype), absorb=False)
     first = jnp.argmax(out.logits[0, length - 1]).astype(jnp.int32)
+    bad = ~jnp.isfinite(out.logits[0, length - 1]).all()
     # MTP inputs at positions j < L: (h_j, Emb(t_{j+1})) with t_L = first; positions >= L are padding, overwritten
     # by the first verify/draft step before any query can see them.
     nxt_1p = jnp.concatenate([tokens_1p[:, 1:], jnp.zeros((1, 1), jnp.int32)], 1).at[0, length - 1].set(first)
@@ -365,11 +379,12 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
         return (count < limit) & ~done
 
     def body(c):
-        x, d, p, cache, count, done, mcache, toks, steps, accepted, drafts = c
+        x, d, p, cache, count, done, mcache, toks, steps, accepted, drafts, bad = c
         drafts = drafts.at[count].set(d)  # d guesses the token at p + 1 = L + count, i.e. new token `count`
         pos_12 = jnp.stack([p, p + 1])[None]
         o = step_net.apply(step_vars, jnp.stack([x, d])[None], pos_12, cache, absorb=True)
         y = jnp.argmax(o.logits[0], -1).astype(jnp.int32)  # [2]
+        bad = bad | ~jnp.isfinite(o.logits[0, 0]).all()
         acc = d == y[0]
         toks = toks.at[count].set(y[0]).at[count + 1].set(jnp.where(acc, y[1], PAD_OUT))
         done = (y[0] == eos_id) | (acc & (y[1] == eos_id))
@@ -377,12 +392,12 @@ def _speculative(variables, tokens_1p, length, limit, eos_id, *, cfg: ModelConfi
         dr = jnp.argmax(mlog[0], -1).astype(jnp.int32)
         acc_i = acc.astype(jnp.int32)
         return (jnp.where(acc, y[1], y[0]), jnp.where(acc, dr[1], dr[0]), p + 1 + acc_i, o.cache,
-                count + 1 + acc_i, done, mcache, toks, steps + 1, accepted + acc_i, drafts)
+                count + 1 + acc_i, done, mcache, toks, steps + 1, accepted + acc_i, drafts, bad)
 
     c = (first, draft, length, unstack_cache(out.cache), jnp.int32(1), first == eos_id, mcache, toks, jnp.int32(0),
-         jnp.int32(0), drafts)
+         jnp.int32(0), drafts, bad)
     c = jax.lax.while_loop(cond, body, c)
-    return c[7], c[4], c[8], c[9], c[10]
+    return c[7], c[4], c[8], c[9], c[10], c[11]
 
 
 def generate_speculative(cfg: ModelConfig, variables, prompt, max_new_tokens: int, eos_id=None,
@@ -403,9 +418,10 @@ def generate_speculative(cfg: ModelConfig, variables, prompt, max_new_tokens: in
     limit = min(int(max_new_tokens), max_len - len(p))
     tokens_1p, _, cache_len = _shapes(cfg, [p], max_len)
     eos = jnp.int32(_eos(eos_id, cfg.vocab_size))
-    toks, count, steps, accepted, drafts = _speculative(
+    toks, count, steps, accepted, drafts, bad = _speculative(
         variables, jnp.asarray(tokens_1p), jnp.int32(len(p)), jnp.int32(limit), eos, cfg=cfg, cache_len=cache_len,
         max_new_tokens=int(max_new_tokens), dot_general=dot_general)
+    _refuse_nonfinite(np.asarray(bad)[None])
     toks, count, steps, accepted = np.asarray(toks), int(count), int(steps), int(accepted)
     new = toks[:min(count, limit)]
     if eos_id is not None and (new == eos_id).any():
@@ -422,24 +438,28 @@ def generate_speculative(cfg: ModelConfig, variables, prompt, max_new_tokens: in
 def load_run(run_dir: str, step: Optional[int] = None):
     """A training run's directory (experiments.run: config.json + checkpoints/<step>/{state,data,meta}) ->
     (cfg, {"params", "router"}, tokenizer spec, step). The model config and tokenizer come from the checkpoint's
-    meta item; the state is restored without a target (only params and router are kept)."""
-    import orbax.checkpoint as ocp
+    meta item; the state is restored without a target (only params and router are kept) and their content
+    checksums verified. Without ``step``, a corrupt newest checkpoint is reported in one line and the previous
+    one used, as the training loop does (but left in place: a reader does not rename a run's files)."""
 
     ckpt_dir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"--checkpoint {run_dir}: no checkpoints/ directory (expected a training run's out_dir)")
-    mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "meta"))
-    steps = sorted(mngr.all_steps())
-    if not steps:
-        raise ValueError(f"--checkpoint {run_dir}: checkpoints/ holds no complete step")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ValueError(f"--checkpoint {run_dir}: no step {step}; available {steps}")
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                     meta=ocp.args.JsonRestore()))
-    mngr.close()
-    meta, state = out["meta"], out["state"]
+    ck = Checkpointer(ckpt_dir, keep=1 << 30)  # keep: orbax prunes only on save, and this never saves
+    try:
+        steps = ck.steps()
+        if not steps:
+            raise ValueError(f"--checkpoint {run_dir}: checkpoints/ holds no complete step")
+        if step is None:
+            step, state, _, meta = ck.restore_latest(None, restore_fn=ck.restore_untargeted, move_aside=False)
+        elif step not in steps:
+            raise ValueError(f"--checkpoint {run_dir}: no step {step}; available {steps}")
+        else:
+            state, _, meta = ck.restore_untargeted(step)
+    except CheckpointError as e:
+        raise ValueError(f"--checkpoint {run_dir}: {e}") from None
+    finally:
+        ck.close()
     cfg = ModelConfig.from_dict(meta["model_config"])
     variables = {"params": state["params"], "router": state.get("router", {})}
     return cfg, variables, meta.get("config", {}).get("data.tokenizer", "byte"), step

@@ -53,7 +53,7 @@ import numpy as np
 
 from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.safetensors_io import SafeTensorsFile, write_file
+from deepseek_jax.safetensors_io import SafeTensorsFile, check_regular_file, read_json_file, write_file
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -188,15 +188,12 @@ class _Checkpoint:
         try:
             if os.path.exists(index):
                 self.source = index
-                with open(index) as f:
-                    try:
-                        weight_map = json.load(f)["weight_map"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise ValueError(f"{index}: not a safetensors index (need a 'weight_map' object): {e}")
+                weight_map = _weight_map(index)
                 for fname in sorted(set(weight_map.values())):
                     fpath = os.path.join(path, fname)
                     if not os.path.exists(fpath):
                         raise ValueError(f"{index}: refers to shard {fname!r}, which does not exist in {path}")
+                    check_regular_file(fpath, f"shard {fname!r} named by {INDEX_FILE}")
                     self._add(fpath)
                 for name, fname in weight_map.items():
                     got = self.where.get(name)
@@ -226,6 +223,42 @@ class _Checkpoint:
     def close(self):
         for f in self.files.values():
             f.close()
+
+
+def _plain_file_name(name: str) -> bool:
+    """A file name inside the checkpoint directory: no directory part, not absolute, not '.' or '..'."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+            and not os.path.isabs(name))
+
+
+def _weight_map(index: str) -> Dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index, every structural type checked: tensor name -> a plain
+    file name in the same directory (an entry such as "/etc/passwd" or "../x.safetensors" is refused before
+    anything is opened)."""
+    doc = read_json_file(index, "safetensors index")
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise ValueError(f"{index}: not a safetensors index (need a JSON object with a 'weight_map' object)")
+    weight_map = doc["weight_map"]
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise ValueError(f"{index}: weight_map[{name[:80]!r}] must be a file name (a string)")
+        if not _plain_file_name(fname):
+            raise ValueError(f"{index}: weight_map[{name[:80]!r}] = {fname[:80]!r} is not a plain file name in the "
+                             "checkpoint directory (no directories, no '..', not absolute)")
+    return weight_map
+
+
+def check_scales(s: np.ndarray, name: str, where: str) -> None:
+    """FP8 block scales must be finite positive floats (NaN, inf, 0, negative, int or bool scales refused)."""
+    if not np.issubdtype(s.dtype, np.floating) and s.dtype != np.dtype(ml_dtypes.bfloat16):
+        raise ValueError(f"tensor {name!r} in {where}: FP8 scales must be floating-point, got dtype {s.dtype}")
+    if _is_fp8(s.dtype):
+        raise ValueError(f"tensor {name!r} in {where}: FP8 scales must be fp32/bf16/fp16, got dtype {s.dtype}")
+    f = np.asarray(s, np.float32)
+    bad = ~(np.isfinite(f) & (f > 0))
+    if bad.any():
+        raise ValueError(f"tensor {name!r} in {where}: {int(bad.sum())} of {f.size} FP8 scales are not finite "
+                         "positive numbers")
 
 
 def _is_fp8(dt: np.dtype) -> bool:
@@ -263,15 +296,16 @@ def load_pretrained(path, dtype: str = "float32", load_mtp: bool = True, **confi
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.exists(cfg_path):
         raise ValueError(f"{path}: no {CONFIG_NAME}")
-    with open(cfg_path) as f:
-        try:
-            hf_cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    hf_cfg = read_json_file(cfg_path, CONFIG_NAME)
+    if not isinstance(hf_cfg, dict):
+        raise ValueError(f"{cfg_path}: a JSON object expected")
     overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
     if not load_mtp:
         overrides["num_nextn_predict_layers"] = 0
-    cfg = ModelConfig.from_hf(hf_cfg, **overrides)
+    try:
+        cfg = ModelConfig.from_hf(hf_cfg, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     block = _fp8_block(hf_cfg, cfg_path)
 
     ckpt = _Checkpoint(path)
@@ -286,11 +320,14 @@ def _fp8_block(hf_cfg: Mapping[str, Any], cfg_path: str) -> Tuple[int, int]:
     qc = hf_cfg.get("quantization_config")
     if not qc:
         return (128, 128)
+    if not isinstance(qc, dict):
+        raise ValueError(f"{cfg_path}: quantization_config must be an object")
     if qc.get("quant_method") != "fp8":
         raise ValueError(f"{cfg_path}: quantization_config.quant_method {qc.get('quant_method')!r} is not "
                          "supported (only 'fp8' block quantization)")
     block = qc.get("weight_block_size") or [128, 128]
-    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+    if not isinstance(block, list) or len(block) != 2 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block):
         raise ValueError(f"{cfg_path}: quantization_config.weight_block_size must be two positive ints, got {block}")
     return tuple(block)
 
@@ -334,6 +371,10 @@ def _load(cfg: ModelConfig, ckpt: _Checkpoint, block: Tuple[int, int], load_mtp:
                 raise ValueError(f"tensor {m.hf_name!r} in {f.path} is {dt} but its scale {scale_name!r} is missing "
                                  f"from {ckpt.source}")
             sf = ckpt.file(scale_name)
+            sdt = sf.dtype(scale_name)
+            if not (np.issubdtype(sdt, np.floating) or sdt == np.dtype(ml_dtypes.bfloat16)) or _is_fp8(sdt):
+                raise ValueError(f"tensor {scale_name!r} in {sf.path}: FP8 scales must be fp32/bf16/fp16, got "
+                                 f"dtype {sdt}")
             want_s = tuple(-(-n // b) for n, b in zip(got, block))
             if sf.shape(scale_name) != want_s:
                 raise ValueError(f"tensor {scale_name!r} in {sf.path} has shape {list(sf.shape(scale_name))}, "
@@ -364,7 +405,9 @@ def _load(cfg: ModelConfig, ckpt: _Checkpoint, block: Tuple[int, int], load_mtp:
         f = ckpt.file(m.hf_name)
         w = f.get(m.hf_name)
         if scale_name is not None:
-            _dequantize_into(slot, w, ckpt.file(scale_name).get(scale_name), block, m.transpose)
+            s = ckpt.file(scale_name).get(scale_name)
+            check_scales(s, scale_name, ckpt.file(scale_name).path)
+            _dequantize_into(slot, w, s, block, m.transpose)
         else:
             slot[...] = w.T if m.transpose else w
         del w

@@ -63,12 +63,31 @@ def read_jsonl(path: str):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_jsonl_torn(path: str):
+    """read_jsonl that drops a torn final line (a run killed in the middle of writing it); a bad line elsewhere
+    is corruption: ValueError naming the file and line."""
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a record with an int step")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a metrics record ({type(e).__name__})") from None
+        out.append(rec)
+    return out
+
+
 def truncate_jsonl(path: str, max_step: int) -> None:
     """Drop records with step > max_step (a resumed run rewinds to its checkpoint, so lines written after that
-    checkpoint would otherwise appear twice)."""
+    checkpoint would otherwise appear twice), and a torn final line."""
     if not os.path.exists(path):
         return
-    keep = [r for r in read_jsonl(path) if r["step"] <= max_step]
+    keep = [r for r in read_jsonl_torn(path) if r["step"] <= max_step]
     with open(path, "w") as f:
         for r in keep:
             f.write(json.dumps(r) + "\n")

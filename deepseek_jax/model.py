@@ -91,8 +91,9 @@ def _block_stack(cfg: ModelConfig, moe: bool, n: int, absorb: bool, dot_general,
 
 def check_tokens(tokens, vocab_size: int) -> None:
     """Raise ValueError for ids outside [0, vocab_size) when the ids are concrete (JAX gathers clamp silently).
-    Under tracing the embedding lookup fills out-of-range rows with NaN instead, so a bad id poisons the loss
-    loudly rather than silently reading another token's row."""
+    Under tracing the embedding lookup fills out-of-range rows (negative ids included: ``jnp.take`` would wrap
+    -1 to V-1) with NaN instead, so a bad id poisons the loss loudly rather than silently reading another
+    token's row."""
     try:
         t = np.asarray(tokens)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -105,6 +106,18 @@ def check_tokens(tokens, vocab_size: int) -> None:
                          f"e.g. {bad.ravel()[:5].tolist()}")
 
 
+def check_positions(positions, max_positions: int) -> None:
+    """Raise ValueError for positions outside [0, max_position_embeddings) when they are concrete; traced ones
+    are poisoned in ``Transformer`` (NaN hidden states), like out-of-range token ids."""
+    try:
+        p = np.asarray(positions)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if p.size and (p.min() < 0 or p.max() >= max_positions):
+        raise ValueError(f"positions: must be in [0, max_position_embeddings={max_positions}); got "
+                         f"{int(p.min())}..{int(p.max())}")
+
+
 class Embed(nn.Module):
     cfg: ModelConfig
 
@@ -114,7 +127,9 @@ class Embed(nn.Module):
         table = self.param("embedding", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size),
             dtype_of(cfg.param_dtype))
-        out = jnp.take(table, tokens_bt, axis=0, mode="fill", fill_value=jnp.nan)
+        # every out-of-range id -> row V (out of bounds: NaN); jnp.take alone would wrap negatives to V + id
+        ids = jnp.where((tokens_bt >= 0) & (tokens_bt < cfg.vocab_size), tokens_bt, cfg.vocab_size)
+        out = jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
         return out.astype(dtype_of(cfg.dtype))
 
 
@@ -140,11 +155,18 @@ class Transformer(nn.Module):
         check_tokens(tokens_bt, cfg.vocab_size)
         B, T = tokens_bt.shape
         if positions_bt is None:
+            if T > cfg.max_position_embeddings:
+                raise ValueError(f"tokens: sequence length {T} exceeds max_position_embeddings="
+                                 f"{cfg.max_position_embeddings}")
             positions_bt = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+        else:
+            check_positions(positions_bt, cfg.max_position_embeddings)
         if absorb is None:
             absorb = cache is not None
         embed = Embed(cfg, name="embed")
         x = embed(tokens_bt)
+        pos_ok = (positions_bt >= 0) & (positions_bt < cfg.max_position_embeddings)  # traced positions: poison
+        x = jnp.where(pos_ok[..., None], x, jnp.asarray(jnp.nan, x.dtype))
         new_cache = {} if cache is not None else None
         aux = {}
         for kind, n, moe in (("dense", cfg.num_dense_layers, False), ("moe", cfg.num_moe_layers, True)):

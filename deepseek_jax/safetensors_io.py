@@ -20,6 +20,8 @@ import json
 import math
 import mmap
 import os
+import re
+import stat
 import struct
 import sys
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
@@ -55,6 +57,67 @@ MAX_HEADER_BYTES = 100_000_000
 _LITTLE = sys.byteorder == "little"
 
 
+# JSON deeper than this is refused before parsing (a header of 200,000 "[" used to raise RecursionError);
+# a safetensors header is 3 levels deep, an index or config.json a few more.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of [ and { in a JSON text, string literals ignored (a linear scan, no recursion)."""
+    a = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    if not a.size:
+        return 0
+    step = ((a == ord("[")) | (a == ord("{"))).astype(np.int64) - ((a == ord("]")) | (a == ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def load_json_bytes(raw: bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for untrusted bytes: ValueError naming ``where`` for bad UTF-8, bad JSON or nesting deeper than
+    ``max_depth``; the message never quotes the content."""
+    if json_depth(raw) > max_depth:
+        raise ValueError(f"{where}: JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+
+
+def check_regular_file(path: str, what: str = "file") -> None:
+    """ValueError unless ``path`` is a regular file (symlinks followed, as in the Hugging Face cache): a FIFO,
+    device or directory is refused before it is opened (opening a FIFO blocks)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{path}: {what} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: {what} is not a regular file")
+
+
+def read_json_file(path: str, what: str = "JSON file", max_bytes: int = 100_000_000) -> Any:
+    """A small untrusted JSON file: regular file, at most ``max_bytes``, bounded nesting."""
+    check_regular_file(path, what)
+    if os.path.getsize(path) > max_bytes:
+        raise ValueError(f"{path}: {what} is larger than {max_bytes} bytes")
+    with open(path, "rb") as f:
+        return load_json_bytes(f.read(), path)
+
+
+def _kind(x) -> str:
+    """A value's JSON type, for messages that must not echo file content."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), "a number" if isinstance(x, (int, float)) else type(x).__name__)
+
+
+def _name(name: str) -> str:
+    r = repr(name)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def dtype_tag(dtype) -> str:
     """numpy dtype (incl. ml_dtypes bfloat16/float8) -> safetensors tag, e.g. 'BF16'."""
     dt = np.dtype(dtype)
@@ -77,6 +140,10 @@ class SafeTensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        try:
+            check_regular_file(self.path, "safetensors file")
+        except ValueError as e:
+            raise SafeTensorsError(str(e)) from None
         self._file = open(self.path, "rb")
         try:
             self._entries, self.metadata, self._data_start = self._read_header()
@@ -97,17 +164,18 @@ class SafeTensorsFile:
         if size < 8:
             self._fail(f"file is {size} bytes, too short for the 8-byte header length")
         (n,) = struct.unpack("<Q", f.read(8))
+        # (the length is file content: not quoted, so a non-safetensors file is not echoed)
         if n > MAX_HEADER_BYTES:
-            self._fail(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            self._fail(f"header length exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
         if 8 + n > size:
-            self._fail(f"header length {n} runs past the end of the file ({size} bytes)")
+            self._fail(f"header length runs past the end of the file ({size} bytes; not a safetensors file?)")
         raw = f.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._fail(f"header is not valid UTF-8 JSON ({e})")
+            header = load_json_bytes(raw, "header")
+        except ValueError as e:
+            self._fail(str(e))
         if not isinstance(header, dict):
-            self._fail(f"header must be a JSON object, got {type(header).__name__}")
+            self._fail(f"header must be a JSON object, got {_kind(header)}")
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                      for k, v in metadata.items()):
@@ -117,21 +185,23 @@ class SafeTensorsFile:
         entries: Dict[str, Tuple[np.dtype, Tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-                self._fail(f"tensor {name!r}: entry must be an object with dtype, shape and data_offsets")
+                self._fail(f"tensor {_name(name)}: entry must be an object with dtype, shape and data_offsets")
             tag, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-            if tag not in DTYPES:
-                self._fail(f"tensor {name!r}: unknown dtype {tag!r} (supported: {sorted(DTYPES)})")
-            if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
-                self._fail(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+            if not isinstance(tag, str) or tag not in DTYPES:
+                self._fail(f"tensor {_name(name)}: dtype must be one of {sorted(DTYPES)}, got "
+                           + (_name(tag) if isinstance(tag, str) else _kind(tag)))
+            if not (isinstance(shape, list) and len(shape) <= 64 and all(_is_int(s) and s >= 0 for s in shape)):
+                self._fail(f"tensor {_name(name)}: shape must be a list of at most 64 non-negative ints, got "
+                           f"{_kind(shape) if not isinstance(shape, list) else 'other values'}")
             if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
-                self._fail(f"tensor {name!r}: data_offsets must be [begin, end], got {offs!r}")
+                self._fail(f"tensor {_name(name)}: data_offsets must be a list [begin, end] of two ints")
             begin, end = offs
             if not 0 <= begin <= end <= data_len:
-                self._fail(f"tensor {name!r}: data_offsets {offs} outside the {data_len}-byte data buffer")
+                self._fail(f"tensor {_name(name)}: data_offsets {offs} outside the {data_len}-byte data buffer")
             dt = DTYPES[tag]
             need = math.prod(shape) * dt.itemsize
             if end - begin != need:
-                self._fail(f"tensor {name!r}: {end - begin} bytes at data_offsets {offs}, but {tag}{shape} "
+                self._fail(f"tensor {_name(name)}: {end - begin} bytes at data_offsets {offs}, but {tag}{shape} "
                            f"needs {need}")
             entries[name] = (dt, tuple(shape), begin, end)
         # The buffer must be covered exactly: no overlap (two tensors sharing bytes), no holes.

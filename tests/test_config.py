@@ -135,3 +135,32 @@ def test_kv_cache_per_token_v3():
     assert cfg.kv_cache_elements_per_token_per_layer * cfg.num_hidden_layers == 35_136
     # PAPER.md: 1.76% of MHA's cache (MHA with 128 heads of 128-dim K and V: 2 * 128 * 128 per layer).
     assert math.isclose(576 / (2 * 128 * 128), 0.0176, rel_tol=0.01)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hidden_size": "64"}, "ModelConfig.hidden_size"),
+    ({"rms_norm_eps": "1e-6"}, "ModelConfig.rms_norm_eps"),
+    ({"rope_theta": "10000"}, "rope_theta"),
+    ({"routed_scaling_factor": "2.5"}, "ModelConfig.routed_scaling_factor"),
+    ({"initializer_range": None}, "ModelConfig.initializer_range"),
+    ({"norm_topk_prob": "true"}, "ModelConfig.norm_topk_prob"),
+    ({"eos_token_id": []}, "eos_token_id"),
+    ({"eos_token_id": ["1"]}, "eos_token_id"),
+    ({"bos_token_id": "0"}, "ModelConfig.bos_token_id"),
+    ({"rope_scaling": "yarn"}, "rope_scaling"),
+    ({"rope_parameters": [1]}, "rope_parameters"),
+    ({"rope_scaling": {"type": "yarn", "factor": "40"}}, "ModelConfig.rope_scaling.factor"),
+    ({"rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": "4096"}},
+     "ModelConfig.rope_scaling.original_max_position_embeddings"),
+    ({"rope_scaling": {"type": "yarn", "factor": 40, "mscale": [1]}}, "ModelConfig.rope_scaling.mscale"),
+])
+def test_malformed_config_json_values_name_the_field(changes, field):
+    """Each used to crash inside config.py (TypeError, IndexError, AttributeError) without naming the field."""
+    hf = dict(config.preset("tiny").to_hf(), **changes)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        ModelConfig.from_hf(hf)
+
+
+def test_config_json_must_be_an_object():
+    with pytest.raises(ValueError, match="config.json: a JSON object expected, got list"):
+        ModelConfig.from_hf([config.preset("tiny").to_hf()])

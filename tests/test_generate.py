@@ -8,6 +8,8 @@ holds the Transformer-level cache test and a one-prompt greedy check.)
 from __future__ import annotations
 
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,3 +290,39 @@ def test_cli_hf_and_checkpoint(tiny, tmp_path, capsys):
     assert "identical to plain greedy: True" in captured.err
     with pytest.raises(ValueError, match="no checkpoints/ directory"):
         generate.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "x"])
+
+
+def test_nan_parameters_are_refused_not_decoded_as_token_0(tiny):
+    bad = jax.tree_util.tree_map(lambda x: x, tiny)
+    bad["params"]["lm_head"]["kernel"] = bad["params"]["lm_head"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"non-finite logits for prompt\(s\) \[0\]"):
+        _greedy(bad, [PROMPTS[0]])
+
+
+def test_load_run_falls_back_past_a_corrupt_newest_checkpoint(tiny, tmp_path, capsys):
+    """As the training loop: 8 flipped bits in the newest step are caught by its checksums and the previous
+    step is loaded, with one line on stderr; the reader leaves the run's files where they are."""
+    from deepseek_jax.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    ck = Checkpointer(str(run / "checkpoints"))
+    meta = {"model_config": CFG.to_dict(), "config": {"data.tokenizer": "byte"}}
+    for s in (3, 5):
+        ck.save(s, {"params": tiny["params"], "router": tiny["router"], "step": jnp.int32(s)}, {"it": s}, meta)
+    ck.close()
+    files = [os.path.join(r, f) for r, _, fs in os.walk(run / "checkpoints" / "5" / "state") for f in fs]
+    path = max(files, key=os.path.getsize)
+    b = bytearray(open(path, "rb").read())
+    for i in range(8):
+        b[len(b) // 3 + 7 * i] ^= 0x40
+    open(path, "wb").write(bytes(b))
+    cfg, variables, tok, step = generate.load_run(str(run))
+    assert step == 3 and tok == "byte" and cfg == CFG
+    for x, y in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(
+            {"params": tiny["params"], "router": tiny["router"]})):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    err = capsys.readouterr().err
+    assert "checkpoint step 5 could not be restored" in err and "checksum mismatch" in err, err
+    assert os.path.isdir(run / "checkpoints" / "5")
+    with pytest.raises(ValueError, match="checksum mismatch"):  # asking for that step explicitly
+        generate.load_run(str(run), step=5)

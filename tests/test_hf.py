@@ -148,19 +148,28 @@ def _raw_file(path, header, data: bytes, header_bytes=None):
 
 
 @pytest.mark.parametrize("case,header,data,match", [
-    ("bad_json", None, b"", "not valid UTF-8 JSON"),
+    ("bad_json", None, b"", "invalid JSON"),
     ("out_of_file", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8), "outside"),
     ("overlap", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
                  "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), "overlap"),
     ("size_mismatch", {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16), "needs 12"),
     ("hole", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(16), "hole"),
-    ("bad_dtype", {"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16), "unknown dtype"),
+    ("bad_dtype", {"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16), "dtype must be one of"),
+    ("list_dtype", {"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4),
+     r"dtype must be one of .*got a list"),
+    ("dict_shape", {"a": {"dtype": "F32", "shape": {"n": 1}, "data_offsets": [0, 4]}}, bytes(4),
+     "shape must be a list"),
+    ("string_offsets", {"a": {"dtype": "F32", "shape": [1], "data_offsets": "0,4"}}, bytes(4),
+     r"data_offsets must be a list \[begin, end\]"),
+    ("deep_nesting", None, b"", "nested deeper than 64 levels"),
     ("header_too_long", None, b"", "runs past the end"),
 ])
 def test_safetensors_header_validation(tmp_path, case, header, data, match):
     p = tmp_path / f"{case}.safetensors"
     if case == "bad_json":
         _raw_file(p, None, data, header_bytes=b"{not json")
+    elif case == "deep_nesting":  # used to raise RecursionError naming no file
+        _raw_file(p, None, data, header_bytes=b"[" * 200_000)
     elif case == "header_too_long":
         with open(p, "wb") as f:
             f.write(struct.pack("<Q", 1000) + b"{}")
@@ -547,3 +556,90 @@ def test_ignored_and_shared_tensors(ckpt_copy):
     # the copies are optional
     rewrite(path / hf.SINGLE_FILE, lambda t: (t.pop(emb), t.pop(f"model.layers.{L}.shared_head.head.weight")))
     hf.load_pretrained(path)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint directories are untrusted input
+# ---------------------------------------------------------------------------------------------------------------
+def _index(path, weight_map):
+    (path / hf.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("entry", ["/etc/passwd", "../other/model.safetensors", "sub/model.safetensors", "..", ""])
+def test_index_entries_outside_the_directory_are_refused_unopened(ckpt_copy, entry, monkeypatch):
+    cfg, path = ckpt_copy
+    names = list(sio.SafeTensorsFile(path / hf.SINGLE_FILE).keys())
+    _index(path, {n: (entry if i == 0 else hf.SINGLE_FILE) for i, n in enumerate(names)})
+    opened = []
+    real = sio.SafeTensorsFile.__init__
+    monkeypatch.setattr(sio.SafeTensorsFile, "__init__", lambda self, p: (opened.append(str(p)), real(self, p))[1])
+    with pytest.raises(ValueError, match="is not a plain file name in the checkpoint directory") as e:
+        hf.load_pretrained(path)
+    assert hf.INDEX_FILE in str(e.value) and not opened
+    assert "root:" not in str(e.value)  # nothing of /etc/passwd is read, let alone echoed
+
+
+def test_fifo_entry_is_refused_without_blocking(ckpt_copy):
+    import threading
+    cfg, path = ckpt_copy
+    os.mkfifo(path / "fifo.safetensors")
+    names = list(sio.SafeTensorsFile(path / hf.SINGLE_FILE).keys())
+    _index(path, {n: ("fifo.safetensors" if i == 0 else hf.SINGLE_FILE) for i, n in enumerate(names)})
+    result = {}
+
+    def load():
+        try:
+            hf.load_pretrained(path)
+        except ValueError as e:
+            result["error"] = str(e)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the loader blocked on a FIFO"
+    assert "fifo.safetensors" in result["error"] and "not a regular file" in result["error"]
+    with pytest.raises(sio.SafeTensorsError, match="not a regular file"):
+        sio.SafeTensorsFile(path / "fifo.safetensors")
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({"weight_map": ["model.safetensors"]}, "need a JSON object with a 'weight_map' object"),
+    (["weight_map"], "need a JSON object with a 'weight_map' object"),
+    ({"weight_map": {"model.embed_tokens.weight": ["model.safetensors"]}},
+     r"weight_map\['model.embed_tokens.weight'\] must be a file name"),
+    ("[" * 200_000, "nested deeper than 64 levels"),
+])
+def test_malformed_index_names_the_file_and_key(ckpt_copy, doc, match):
+    cfg, path = ckpt_copy
+    (path / hf.INDEX_FILE).write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    with pytest.raises(ValueError, match=match) as e:
+        hf.load_pretrained(path)
+    assert str(path / hf.INDEX_FILE) in str(e.value)
+
+
+def test_non_safetensors_file_content_is_not_echoed(ckpt_copy):
+    cfg, path = ckpt_copy
+    (path / hf.SINGLE_FILE).write_bytes(b"SECRET=hunter2\n" * 4)
+    with pytest.raises(sio.SafeTensorsError) as e:
+        hf.load_pretrained(path)
+    assert str(struct.unpack("<Q", b"SECRET=h")[0]) not in str(e.value) and "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "zero", "negative", "int", "bool"])
+def test_fp8_scales_must_be_finite_positive_floats(tmp_path, bad):
+    """A block-quantized weight whose scale_inv is NaN, inf, 0, negative, int or bool used to load silently."""
+    cfg = tiny_cfg()
+    src = tmp_path / "src"
+    hf.save_pretrained(cfg, random_variables(cfg, seed=1, std=0.05), src)
+    tensors = sio.load_file(src / hf.SINGLE_FILE)
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    w = tensors[name]
+    q, s, _ = _quantize_blocks(w)
+    s = {"nan": np.full_like(s, np.nan), "inf": np.full_like(s, np.inf), "zero": np.zeros_like(s),
+         "negative": -s, "int": np.ones(s.shape, np.int32), "bool": np.ones(s.shape, bool)}[bad]
+    tensors[name] = q.astype(ml_dtypes.float8_e4m3fn)
+    tensors[name + "_scale_inv"] = s
+    sio.save_file(tensors, src / hf.SINGLE_FILE)
+    with pytest.raises(ValueError, match=r"up_proj.weight_scale_inv.*(not finite positive|must be fp32/bf16/fp16)"):
+        hf.load_pretrained(src)

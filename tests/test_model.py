@@ -211,3 +211,29 @@ def test_greedy_generate_equals_argmax_of_full_forward(tiny):
         generate.generate(CFG, variables, [], 3)
     with pytest.raises(ValueError, match="vocab_size"):
         generate.generate(CFG, variables, [CFG.vocab_size], 3)
+
+
+def test_negative_id_under_jit_poisons_never_wraps(tiny):
+    """jnp.take(mode="fill") wraps -1 to V-1 before its bounds check: id -1 used to read token V-1's embedding.
+    Now -1 (and -V) poison their position like any other out-of-range id."""
+    variables, tokens, _ = tiny
+    f = jax.jit(Transformer(CFG).apply)
+    V = CFG.vocab_size
+    wrapped = np.asarray(f(variables, tokens.at[0, 3].set(V - 1)).logits)
+    for bad in (-1, -V):
+        out = np.asarray(f(variables, tokens.at[0, 3].set(bad)).logits)
+        assert np.isnan(out[0, 3:]).all() and np.isfinite(out[1]).all()
+        assert not np.allclose(np.nan_to_num(out[0, 3]), wrapped[0, 3])
+
+
+def test_positions_beyond_max_position_embeddings_are_refused(tiny):
+    variables, tokens, _ = tiny
+    short = CFG.replace(max_position_embeddings=T - 2)
+    with pytest.raises(ValueError, match=r"sequence length 10 exceeds max_position_embeddings=8"):
+        Transformer(short).apply(variables, tokens)
+    pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+    with pytest.raises(ValueError, match=r"positions: must be in \[0, max_position_embeddings=8\)"):
+        Transformer(short).apply(variables, tokens, pos)
+    # traced positions cannot raise: the out-of-range ones are poisoned
+    out = np.asarray(jax.jit(Transformer(short).apply)(variables, tokens, pos).logits)
+    assert np.isnan(out[:, T - 2:]).all()

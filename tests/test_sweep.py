@@ -213,3 +213,23 @@ def test_unknown_experiment_and_arm():
     mod = sweep.load_experiment("balancing")
     with pytest.raises(sweep.SweepError, match="unknown arm"):
         sweep.run_experiment(mod, arms=["nope"], runner=None)
+
+
+def test_results_note_runs_trained_with_the_capped_warmup(tmp_path):
+    """Runs committed while an explicit warmup was capped at 1% of the run record warmup_steps 3 for a config
+    that sets 20: RESULTS.md says which."""
+    import json
+    import types
+
+    from experiments.configs import base
+    mod = types.SimpleNamespace(EXPERIMENT="x", ARMS={"a": {}, "b": {}}, CLAIMS=[], SEEDS=(0, 1),
+                                get_config=lambda arm: base.base_config(), __doc__="Toy.",
+                                __file__=str(tmp_path / "x.py"))
+    for arm, seed, warm in (("a", 0, 3), ("a", 1, 20), ("b", 0, 3)):
+        d = tmp_path / "x" / "runs" / arm / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"train.optim.warmup_steps": warm}))
+    assert base.base_config().train.optim.warmup_steps == 20
+    assert sweep.capped_warmup_runs(mod, str(tmp_path)) == {(3, 20): ["a/seed0", "b/seed0"]}
+    md = sweep.results_markdown([mod], str(tmp_path))
+    assert "Warmup note:** 2 committed runs" in md and "2 with 3 steps instead of the configured 20 (a x1, b x1)" in md

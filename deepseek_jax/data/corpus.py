@@ -380,7 +380,10 @@ def load_corpus(spec: str, max_docs: int | None = None, max_bytes: int | None = 
         return stdlib_corpus(max_docs=max_docs, max_bytes=max_bytes)
     jsonl = _parse_jsonl_spec(spec)
     docs = _load_jsonl(*jsonl) if jsonl else _load_text_files(spec)
-    return _truncate(docs, max_docs, max_bytes)
+    docs = _truncate(docs, max_docs, max_bytes)
+    if not any(d.text for d in docs):
+        raise ValueError(f"corpus: {spec!r} holds no text ({len(docs)} documents, 0 bytes)")
+    return docs
 
 
 def corpus_source(spec: str) -> str:
@@ -419,10 +422,14 @@ def split(docs: Sequence[Document], val_fraction: float) -> tuple[list[Document]
     A document is in validation iff `fraction(sha256(name)) < val_fraction`, so the split of one document does
     not depend on the others. One exception, for tiny corpora: when `val_fraction > 0`, there are at least two
     documents and none hashed into validation, the document with the smallest hash fraction is moved there, so
-    that validation is never silently empty.
+    that validation is never silently empty. A corpus of ONE document (a single text file) is split by bytes
+    instead: its last ``max(1, round(val_fraction * n_bytes))`` bytes (moved back to a character boundary)
+    become the validation document ``<name>#val`` and the rest ``<name>#train``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"split: val_fraction must be in [0, 1), got {val_fraction}")
+    if len(docs) == 1 and val_fraction > 0:
+        return _split_bytes(docs[0], val_fraction)
     fracs = [_name_fraction(d.name) for d in docs]
     is_val = [f < val_fraction for f in fracs]
     if val_fraction > 0 and len(docs) >= 2 and not any(is_val):
@@ -430,6 +437,19 @@ def split(docs: Sequence[Document], val_fraction: float) -> tuple[list[Document]
     train = [d for d, v in zip(docs, is_val) if not v]
     val = [d for d, v in zip(docs, is_val) if v]
     return train, val
+
+
+def _split_bytes(doc: Document, val_fraction: float) -> tuple[list[Document], list[Document]]:
+    raw = doc.text.encode("utf-8")
+    if len(raw) < 2:
+        return [doc], []
+    cut = len(raw) - min(len(raw) - 1, max(1, round(val_fraction * len(raw))))
+    while cut > 0 and (raw[cut] & 0xC0) == 0x80:  # not inside a multi-byte character
+        cut -= 1
+    if cut == 0:
+        return [doc], []
+    return ([Document(f"{doc.name}#train", raw[:cut].decode("utf-8"))],
+            [Document(f"{doc.name}#val", raw[cut:].decode("utf-8"))])
 
 
 def fingerprint(docs: Iterable[Document]) -> str:

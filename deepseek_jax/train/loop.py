@@ -21,14 +21,22 @@ writes logs, plots and summary.json. The mesh may change between a run and its r
 the bitwise resume guarantee holds for an unchanged mesh.
 
 Guarantees:
-- Rerunning the same command resumes from the newest checkpoint that restores (a corrupt newest one is
-  skipped with a warning). Everything that determines the future is in the checkpoint: params, optimizer
-  state, router bias, step (the clock of every schedule), skipped-step count and the data iterator's state, so
-  a run killed at any point and restarted ends bitwise identical to an uninterrupted one.
+- The whole config is validated (fields named, nothing written) before the output directory is touched.
+- Rerunning the same command resumes from the newest checkpoint that restores: a corrupt one (unreadable, or
+  failing its content checksums) is moved aside to ``checkpoints/<step>.corrupt`` with one line on stderr (the
+  details in ``<out_dir>/run.log``), so the rerun can save that step again. Everything that determines the
+  future is in the checkpoint: params, optimizer state, router bias, step (the clock of every schedule),
+  skipped-step count and the data iterator's state, so a run killed at any point and restarted ends bitwise
+  identical to an uninterrupted one (benchmarks/kill_resume.py kills at 10 random points).
 - SIGTERM / SIGINT finish the current step, write a checkpoint, and exit.
 - A non-finite loss or gradient never changes the state (train_step skips the update), so no checkpoint ever
   holds one; with ``train.nonfinite = "stop"`` the run stops at once with a message and writes nothing.
-- An output directory created by a different config is refused unless ``loop.overwrite`` is set.
+- An output directory created by a different config is refused unless ``loop.overwrite`` is set, which moves
+  the old directory aside to ``<out_dir>.replaced-<time>`` (nothing is deleted), and refuses when it holds
+  files this run does not write. A run directory moved to a new path resumes (``loop.out_dir`` is not compared);
+  one holding checkpoints but no config.json is refused (its config cannot be checked).
+- A run that skipped more than ``loop.max_skipped_fraction`` of its steps (non-finite loss, gradient or state)
+  ends with a RunError (``experiments.run`` exits 3) after writing its checkpoint and summary.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -51,22 +58,33 @@ from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax import generate as generate_lib
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, abstract_like
+from deepseek_jax.checkpoint import CheckpointError, Checkpointer, abstract_like
 from deepseek_jax.parallel import step as sharded
 from deepseek_jax.metrics import MetricsWriter, bits_per_byte, read_jsonl, truncate_jsonl
 from deepseek_jax.provenance import git_rev, machine
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import batch_size_at
-from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step
+from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step, validate_train_config
 
 # Fields that may differ between a run and its resumption (they do not change the computation).
-_RESUMABLE_KEYS = ("loop.overwrite", "loop.progress", "loop.step_delay_s", "loop.mesh")
+_RESUMABLE_KEYS = ("loop.overwrite", "loop.progress", "loop.step_delay_s", "loop.mesh", "loop.out_dir",
+                   "loop.max_skipped_fraction")
 # Optional fields left out of the comparison while at their default, so runs made before they existed still match.
 _OMITTED_AT_DEFAULT = {"loop.ep_capacity_factor": None}
 
 
+# loop.max_skipped_fraction when a config does not set it: a healthy run skips no step.
+DEFAULT_MAX_SKIPPED_FRACTION = 0.05
+# What a run writes in its out_dir (``loop.overwrite`` moves aside a directory holding only these, and plots).
+RUN_OUTPUTS = ("config.json", "checkpoints", "metrics.jsonl", "validation.jsonl", "summary.json", "tb", "run.log")
+
+
 class RunError(RuntimeError):
     """A run that cannot start or must stop; the message says why and what to do."""
+
+
+class TooManySkippedError(RunError):
+    """The run finished (checkpoint and summary written) but skipped more steps than loop.max_skipped_fraction."""
 
 
 def _code_version() -> str:
@@ -95,12 +113,67 @@ def _comparable(cfg) -> Dict[str, Any]:
             if k not in _RESUMABLE_KEYS and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
 
 
+def config_diff(theirs: Dict[str, Any], mine: Dict[str, Any]) -> list:
+    """The fields in which two stored configs (config.json dicts) differ, resumable fields left out on both
+    sides (config.json files written before loop.out_dir became resumable still hold it)."""
+    theirs = {k: v for k, v in theirs.items() if k not in _RESUMABLE_KEYS}
+    mine = {k: v for k, v in mine.items() if k not in _RESUMABLE_KEYS}
+    return sorted(k for k in set(theirs) | set(mine) if theirs.get(k, "<absent>") != mine.get(k, "<absent>"))
+
+
+def _int_field(cfg, field: str, low: int) -> None:
+    v = cfg
+    for p in field.split("."):
+        v = v[p]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise RunError(f"{field} must be an int >= {low}, got {v!r}")
+
+
+def validate_config(cfg) -> None:
+    """The loop, data and train fields of a run config; RunError naming the field (nothing is written)."""
+    for field, low in (("loop.ckpt_every", 1), ("loop.log_every", 1), ("loop.keep", 1), ("loop.eval_every", 0),
+                       ("loop.eval_batches", 0), ("loop.grad_accum", 1), ("loop.seed", 0), ("data.seq_len", 1),
+                       ("data.batch_size", 1)):
+        _int_field(cfg, field, low)
+    for field, lo, hi in (("data.val_fraction", 0.0, 1.0), ("data.fim_rate", 0.0, 1.0)):
+        v = cfg.data[field.split(".")[1]]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) or (
+                field == "data.val_fraction" and v == hi):
+            raise RunError(f"{field} must be a number in [{lo}, {hi}{')' if field == 'data.val_fraction' else ']'}, "
+                           f"got {v!r}")
+    frac = cfg.loop.get("max_skipped_fraction", DEFAULT_MAX_SKIPPED_FRACTION)
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+        raise RunError(f"loop.max_skipped_fraction must be a number in [0, 1], got {frac!r}")
+    try:
+        validate_train_config(cfg.train)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
 def _is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def _move_aside(out: str) -> str:
+    """loop.overwrite: rename the old run directory to ``<out>.replaced-<time>`` (never delete); refuse when it
+    holds anything a run does not write."""
+    foreign = sorted(n for n in os.listdir(out) if n not in RUN_OUTPUTS and not n.endswith(".png"))
+    if foreign:
+        raise RunError(f"loop.overwrite=True: {out} also holds {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, "
+                       f"which no training run writes; refusing to move it. Use another --config.loop.out_dir")
+    dst = f"{out}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 0
+    while os.path.exists(dst):
+        n += 1
+        dst = f"{out}.replaced-{time.strftime('%Y%m%d-%H%M%S')}.{n}"
+    os.rename(out, dst)
+    print(f"loop.overwrite: moved the old run {out} aside to {dst}", file=sys.stderr)
+    return dst
+
+
 def _prepare_out_dir(cfg) -> str:
-    """Check (and with loop.overwrite, clear) the output directory on process 0; the others wait for it."""
+    """Check the output directory on process 0 (with loop.overwrite, move a different run's aside); the others
+    wait for it."""
     out = os.path.abspath(cfg.loop.out_dir)
     if not _is_main_process():
         _sync("prepare_out_dir")
@@ -108,20 +181,33 @@ def _prepare_out_dir(cfg) -> str:
     path = os.path.join(out, "config.json")
     mine = _comparable(cfg)
     if os.path.exists(path):
-        with open(path) as f:
-            theirs = json.load(f)
-        if theirs != mine:
-            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k, "<absent>") != mine.get(k, "<absent>"))
+        try:
+            with open(path) as f:
+                theirs = json.load(f)
+            if not isinstance(theirs, dict):
+                raise ValueError(f"a JSON object expected, got {type(theirs).__name__}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunError(f"{path} is not a run config ({type(e).__name__}); restore it or use another "
+                           f"--config.loop.out_dir") from None
+        diff = config_diff(theirs, mine)
+        if diff:
             if not cfg.loop.overwrite:
                 shown = ", ".join(f"{k}: {theirs.get(k, '<absent>')!r} -> {mine.get(k, '<absent>')!r}"
                                   for k in diff[:8])
                 raise RunError(f"output directory {out} was made by a different config ({shown}"
                                f"{' ...' if len(diff) > 8 else ''}). Use another --config.loop.out_dir, or pass "
-                               f"--config.loop.overwrite=True to delete it and start over.")
-            shutil.rmtree(out)
+                               f"--config.loop.overwrite=True to move the old run aside and start over.")
+            _move_aside(out)
+    elif os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+        if not cfg.loop.overwrite:
+            raise RunError(f"output directory {out} holds checkpoints/ but no config.json, so the config they were "
+                           f"trained with cannot be checked. Restore its config.json, use another "
+                           f"--config.loop.out_dir, or pass --config.loop.overwrite=True to move it aside.")
+        _move_aside(out)
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(mine, f, indent=1, sort_keys=True)
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump(mine, f, indent=1, sort_keys=True)
     _sync("prepare_out_dir")
     return out
 
@@ -178,7 +264,10 @@ def model_config(cfg, tokenizer) -> config_lib.ModelConfig:
     overrides = dict(cfg.model.get("overrides", {}) or {})
     overrides.update(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, bos_token_id=None)
     overrides.setdefault("dtype", compute_dtype(cfg.model.get("compute_dtype", "auto")))
-    return config_lib.preset(cfg.model.preset, **overrides)
+    try:
+        return config_lib.preset(cfg.model.preset, **overrides)
+    except ValueError as e:
+        raise RunError(f"model (model.preset={cfg.model.preset!r} + model.overrides): {e}") from None
 
 
 class _Stop:
@@ -265,20 +354,38 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
         if not str(cfg.data.get(field, "") or "").strip():
             raise RunError(f"data.{field} is empty: set it, e.g. --config.data.{field}=... (see "
                            f"deepseek_jax/data for the corpus and tokenizer specs)")
-    plan = BatchPlan(cfg.data, cfg.loop.grad_accum)  # checks the batch fields before anything is written
+    # ---- everything is checked (and the data loaded) before the output directory is touched ----
+    validate_config(cfg)
+    plan = BatchPlan(cfg.data, cfg.loop.grad_accum)  # the batch fields
     mesh, ep_cf = _parallel(cfg, plan)  # and the mesh against them
-    out_dir = _prepare_out_dir(cfg)
-    # ---- data ----
-    docs = data_lib.load_corpus(cfg.data.corpus)
-    train_docs, val_docs = data_lib.split(docs, cfg.data.val_fraction)
-    fp = data_lib.fingerprint(docs)
-    tok = data_lib.get_tokenizer(cfg.data.tokenizer)
+    try:
+        tok = data_lib.get_tokenizer(cfg.data.tokenizer)
+    except (ValueError, OSError) as e:
+        raise RunError(f"data.tokenizer={cfg.data.tokenizer!r}: {e}") from None
     mcfg = model_config(cfg, tok)
-    it = data_lib.make_train_iterator(train_docs, tok, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                                      seed=cfg.data.seed, fim_rate=cfg.data.fim_rate, vocab_size=mcfg.vocab_size,
-                                      corpus_fingerprint=fp)
-    val_batches = data_lib.make_eval_batches(val_docs, tok, cfg.data.seq_len, cfg.data.batch_size,
-                                             max_batches=cfg.loop.eval_batches or None)
+    try:
+        docs = data_lib.load_corpus(cfg.data.corpus)
+        train_docs, val_docs = data_lib.split(docs, cfg.data.val_fraction)
+    except (ValueError, OSError) as e:
+        raise RunError(f"data.corpus={cfg.data.corpus!r}: {e}") from None
+    if not train_docs:
+        raise RunError(f"data.corpus={cfg.data.corpus!r}: no training documents after the validation split "
+                       f"(data.val_fraction={cfg.data.val_fraction})")
+    if cfg.loop.eval_every and not val_docs:
+        raise RunError(f"data.corpus={cfg.data.corpus!r}: no validation documents with data.val_fraction="
+                       f"{cfg.data.val_fraction}; raise it, or turn evaluation off with loop.eval_every=0")
+    fp = data_lib.fingerprint(docs)
+    try:
+        it = data_lib.make_train_iterator(train_docs, tok, seq_len=cfg.data.seq_len,
+                                          batch_size=cfg.data.batch_size, seed=cfg.data.seed,
+                                          fim_rate=cfg.data.fim_rate, vocab_size=mcfg.vocab_size,
+                                          corpus_fingerprint=fp)
+        val_batches = (data_lib.make_eval_batches(val_docs, tok, cfg.data.seq_len, cfg.data.batch_size,
+                                                  max_batches=cfg.loop.eval_batches or None)
+                       if cfg.loop.eval_every else [])
+    except ValueError as e:
+        raise RunError(f"data: {e}") from None
+    out_dir = _prepare_out_dir(cfg)
     # ---- state ----
     tc = cfg.train
     total = int(tc.total_steps)
@@ -290,13 +397,17 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
         state = sharded.init_sharded_state(mcfg, tc, mesh, jax.random.PRNGKey(cfg.loop.seed), cfg.data.seq_len)
         train_step = sharded.shard_train_step(mcfg, tc, mesh, ep_capacity_factor=ep_cf)
         eval_step = sharded.shard_eval_step(mcfg, mesh, ep_capacity_factor=ep_cf)
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep,
+                        log_path=os.path.join(out_dir, "run.log") if _is_main_process() else None)
     meta_base = {"config": _comparable(cfg), "model_config": mcfg.to_dict(), "corpus_fingerprint": fp,
                  "corpus": {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
                             "bytes": data_lib.total_bytes(docs), "source": data_lib.corpus_source(cfg.data.corpus)},
                  "code_version": _code_version(), "machine": machine_info(),
                  "mesh": dict(mesh.shape) if mesh is not None else None, "processes": jax.process_count()}
-    restored = ckpt.restore_latest(abstract_like(state))
+    try:
+        restored = ckpt.restore_latest(abstract_like(state))
+    except CheckpointError as e:
+        raise RunError(f"{e}; rerun to start from step 0") from None
     if restored is not None:
         start, state, data_state, _ = restored
         it.set_state(data_state)
@@ -308,7 +419,8 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     val_writer = MetricsWriter(out_dir, "validation", tensorboard=False) if main else _NullWriter()
     if main:
         truncate_jsonl(writer.path, start)
-        truncate_jsonl(val_writer.path, start)
+        # from step 0 the step-0 validation is rerun: drop one left by a run killed before its first checkpoint
+        truncate_jsonl(val_writer.path, start if start > 0 else -1)
 
     def save(step):
         ckpt.save(step, state, it.get_state(), dict(meta_base, step=int(step)))
@@ -377,12 +489,24 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     if stopped_by:
         print(f"\n{stopped_by}: checkpoint written at step {step}; rerun the same command to resume.")
         return summary
+    max_frac = float(cfg.loop.get("max_skipped_fraction", DEFAULT_MAX_SKIPPED_FRACTION))
+    too_many = summary["skipped_steps"] > max_frac * step
+    summary["skipped_fraction_exceeded"] = bool(too_many)
     # the sample decodes on process-local arrays; a multi-process run has no process holding the whole state
     summary["sample"] = _sample(cfg, mcfg, state, tok) if jax.process_count() == 1 else None
     if main:
         summary["plots"] = plot_run(out_dir)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
+    if too_many:
+        msg = (f"{summary['skipped_steps']} of {step} steps were skipped for a non-finite loss, gradient or state "
+               f"(more than loop.max_skipped_fraction={max_frac}): the parameters saw only the other updates, so "
+               f"this run's numbers do not describe its config. Lower the learning rate or look at metrics.jsonl "
+               f"(nonfinite, grad_norm); the checkpoint and summary of {out_dir} are kept")
+        print("\n" + "!" * 100 + f"\nWARNING: {msg}\n" + "!" * 100, file=sys.stderr)
+        err = TooManySkippedError(msg)
+        err.summary = summary
+        raise err
     return summary
 
 

@@ -45,9 +45,11 @@ PAPER_FINAL_LR = 7.3e-6
 PAPER_WARMUP_STEPS = 2000
 PAPER_GAMMA_ZERO_TOKENS = 14.3e12        # gamma = 0.001 up to here, 0 for the last 500B
 PAPER_LAMBDA_SWITCH_TOKENS = 10.0e12     # MTP lambda 0.3 up to here, 0.1 after
-# Warmup is capped at this fraction of a short run: the paper's 2000 steps are ~0.8% (calc) of its ~240K steps
-# (469B tokens at a mean batch of 9216 x 4K, then 14.33T at 15360 x 4K). 1% is this project's choice.
-WARMUP_MAX_FRACTION = 0.01
+# The warmup a config gets when it does not set one (``warmup_steps=None``): the paper's 2000 steps, or this
+# fraction of a shorter run. The paper's 2000 steps are ~0.8% (calc) of its ~240K steps (469B tokens at a mean
+# batch of 9216 x 4K, then 14.33T at 15360 x 4K); 1% is this project's choice. A warmup that IS set is used as
+# given, never capped.
+AUTO_WARMUP_FRACTION = 0.01
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,12 +91,18 @@ def lr_schedule(peak_lr: float, warmup_steps: int, constant_steps: int, cosine_s
     return schedule
 
 
-def paper_lr_phases(total_steps: int, peak_lr: float = PAPER_PEAK_LR, warmup_steps: int = PAPER_WARMUP_STEPS,
+def auto_warmup_steps(total_steps: int) -> int:
+    """The warmup of a config that sets none: min(2000, max(1, round(1% of total_steps))), the paper's 2000 steps
+    at paper scale, scaled down for short runs (2000 warmup steps would swallow a 3000-step ablation)."""
+    return min(PAPER_WARMUP_STEPS, max(1, round(AUTO_WARMUP_FRACTION * int(total_steps))))
+
+
+def paper_lr_phases(total_steps: int, peak_lr: float = PAPER_PEAK_LR, warmup_steps: Optional[int] = None,
                     cosine_end_lr: Optional[float] = None, final_lr: Optional[float] = None) -> dict:
     """The paper's LR phases mapped onto ``total_steps`` (fractions of 14.8T tokens = fractions of steps).
 
-    warmup   min(warmup_steps, max(1, round(1% of total_steps))): the paper's 2000 steps at paper scale, scaled
-             down for short runs (2000 warmup steps would swallow a 3000-step ablation)
+    warmup   ``warmup_steps`` exactly as given (0 <= warmup_steps <= total_steps, else ValueError); None:
+             ``auto_warmup_steps(total_steps)``
     constant up to round(total * 10/14.8) steps (warmup included, as in the paper: "constant until 10T")
     cosine   round(total * 4.3/14.8) steps, peak -> cosine_end_lr (default 0.1 * peak: 2.2e-4 -> 2.2e-5)
     stages   round(total * 0.333/14.8) steps at cosine_end_lr, then the rest at final_lr (default
@@ -108,7 +116,13 @@ def paper_lr_phases(total_steps: int, peak_lr: float = PAPER_PEAK_LR, warmup_ste
     end = PAPER_COSINE_END_LR / PAPER_PEAK_LR * peak if cosine_end_lr is None else float(cosine_end_lr)
     final = PAPER_FINAL_LR / PAPER_PEAK_LR * peak if final_lr is None else float(final_lr)
     frac = lambda tokens: tokens / PAPER_TOTAL_TOKENS
-    warm = min(int(warmup_steps), max(1, round(WARMUP_MAX_FRACTION * total)))
+    if warmup_steps is None:
+        warm = auto_warmup_steps(total)
+    else:
+        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or not 0 <= warmup_steps <= total:
+            raise ValueError(f"paper_lr_phases: warmup_steps must be an int in [0, total_steps={total}], got "
+                             f"{warmup_steps!r}")
+        warm = int(warmup_steps)
     const_end = max(warm, round(total * frac(PAPER_CONSTANT_END_TOKENS)))
     cos_end = min(total, max(const_end, round(total * frac(PAPER_CONSTANT_END_TOKENS + PAPER_COSINE_TOKENS))))
     s1_end = min(total, max(cos_end, round(total * frac(PAPER_CONSTANT_END_TOKENS + PAPER_COSINE_TOKENS
@@ -119,7 +133,7 @@ def paper_lr_phases(total_steps: int, peak_lr: float = PAPER_PEAK_LR, warmup_ste
 
 
 def paper_lr_schedule(total_steps: int, peak: float = PAPER_PEAK_LR,
-                      warmup_steps: int = PAPER_WARMUP_STEPS) -> Schedule:
+                      warmup_steps: Optional[int] = None) -> Schedule:
     """``lr_schedule`` with the paper's phases on ``total_steps`` (see ``paper_lr_phases``)."""
     return lr_schedule(**paper_lr_phases(total_steps, peak, warmup_steps))
 

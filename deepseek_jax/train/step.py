@@ -27,6 +27,7 @@ No RNG in the state: DeepSeek-V3 trains without dropout, so the step is determin
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax
@@ -41,7 +42,7 @@ from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.router import LOAD_COLLECTION
 from deepseek_jax.train import losses
-from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, PAPER_WARMUP_STEPS, make_optimizer, paper_gamma_switch_step,
+from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, make_optimizer, paper_gamma_switch_step,
                                           paper_lambda_switch_step, paper_lr_phases, schedule_from_config,
                                           step_function)
 
@@ -55,7 +56,7 @@ BALANCE_SCOPES = ("sequence", "batch")
 # Config
 # ---------------------------------------------------------------------------------------------------------------
 def paper_schedule_fields(total_steps: int, peak_lr: float = PAPER_PEAK_LR,
-                          warmup_steps: int = PAPER_WARMUP_STEPS) -> Dict[str, Dict[str, Any]]:
+                          warmup_steps: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
     """The step-valued fields of the paper's recipe for a run of ``total_steps`` steps (token fractions of 14.8T ->
     step fractions): {"optim": LR phases, "balance": {gamma_zero_after_step}, "mtp": {lambda_switch_step}}."""
     ph = paper_lr_phases(total_steps, peak_lr, warmup_steps)
@@ -63,14 +64,72 @@ def paper_schedule_fields(total_steps: int, peak_lr: float = PAPER_PEAK_LR,
             "mtp": {"lambda_switch_step": paper_lambda_switch_step(total_steps)}}
 
 
+# The fields paper_schedule_fields derives, and the values they are derived from (dotted, under ``train``).
+SCHEDULE_INPUTS = ("total_steps", "optim.peak_lr", "optim.warmup_steps")
+SCHEDULE_DERIVED = ("optim.constant_steps", "optim.cosine_steps", "optim.cosine_end_lr", "optim.final_stages",
+                    "balance.gamma_zero_after_step", "mtp.lambda_switch_step")
+
+
+def _get(tc, dotted):
+    node = tc
+    for p in dotted.split("."):
+        node = node[p]
+    return node
+
+
+def _derived_values(total_steps, peak_lr, warmup_steps) -> Dict[str, Any]:
+    f = paper_schedule_fields(total_steps, peak_lr, warmup_steps)
+    flat = {f"optim.{k}": v for k, v in f["optim"].items() if k not in ("peak_lr", "warmup_steps")}
+    flat["optim.final_stages"] = [tuple(st) for st in flat["optim.final_stages"]]
+    flat["balance.gamma_zero_after_step"] = f["balance"]["gamma_zero_after_step"]
+    flat["mtp.lambda_switch_step"] = f["mtp"]["lambda_switch_step"]
+    return flat
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-12))
+
+
+def rederive_schedule(base, tc, overridden) -> list:
+    """Make the derived schedule fields of ``tc`` (a train config after command-line overrides) follow the
+    values in force. ``base``: the same config before the overrides; ``overridden``: the dotted fields (relative
+    to ``train``) the command line set.
+
+    When total_steps, optim.peak_lr or optim.warmup_steps was overridden, every derived field (SCHEDULE_DERIVED)
+    that the command line did not set itself is recomputed with ``paper_schedule_fields`` from the values in
+    force, provided the base config had it at the paper mapping of its own values. A derived field the config
+    file set by hand (e.g. a multi-step schedule) cannot follow: ValueError naming it, so the run does not train
+    on a schedule built for another length. A None switch step (never) stays None. Returns the fields changed."""
+    overridden = set(overridden)
+    if not overridden & set(SCHEDULE_INPUTS):
+        return []
+    was = _derived_values(*(_get(base, k) for k in SCHEDULE_INPUTS))
+    now = _derived_values(*(_get(tc, k) for k in SCHEDULE_INPUTS))
+    changed = []
+    for key in SCHEDULE_DERIVED:
+        if key in overridden or _get(base, key) is None:
+            continue
+        if not _same(_get(base, key), was[key]):
+            given = ", ".join(sorted(overridden & set(SCHEDULE_INPUTS)))
+            raise ValueError(f"train config {key}: the config file sets it by hand ({_get(base, key)!r}), so it "
+                             f"cannot follow the command line's {given}; set --config.train.{key} too")
+        head, last = key.rsplit(".", 1)
+        _get(tc, head)[last] = now[key]
+        changed.append(key)
+    return changed
+
+
 def default_train_config(total_steps: int = 1000, peak_lr: float = PAPER_PEAK_LR,
-                         warmup_steps: int = PAPER_WARMUP_STEPS) -> ml_collections.ConfigDict:
+                         warmup_steps: Optional[int] = None) -> ml_collections.ConfigDict:
     """The paper's pre-training recipe (V3 §4.2) mapped onto ``total_steps`` steps.
 
     total_steps                 int
     nonfinite                   "skip" (count and go on) | "stop" (the loop stops); the step skips either way
     optim.peak_lr               2.2e-4
-    optim.warmup_steps          min(2000, max(1, 1% of total_steps)); lr = peak * step / warmup_steps
+    optim.warmup_steps          as given; None: min(2000, max(1, 1% of total_steps)) (optimizer.auto_warmup_steps);
+                                lr = peak * step / warmup_steps. Never capped: a warmup longer than the run is refused
     optim.constant_steps        constant peak up to 10/14.8 of the run (warmup included)
     optim.cosine_steps          4.3/14.8 of the run, cosine peak -> cosine_end_lr
     optim.cosine_end_lr         2.2e-5 (0.1 * peak)
@@ -114,13 +173,41 @@ def default_train_config(total_steps: int = 1000, peak_lr: float = PAPER_PEAK_LR
     return c
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def validate_train_config(tc) -> None:
-    """Raise ValueError naming the field for a bad train config."""
+    """Raise ValueError naming the field for a bad train config: every rate, weight and schedule value a finite
+    number in range (gamma = inf would turn the router bias non-finite), every step count a non-negative int."""
     def check(ok, field, rule):
         if not ok:
             raise ValueError(f"train config {field}: {rule}")
     check(tc.nonfinite in NONFINITE_POLICIES, "nonfinite", f"must be one of {NONFINITE_POLICIES}, got {tc.nonfinite!r}")
-    o = tc.optim
+    check(_is_count(tc.total_steps) and tc.total_steps >= 1, "total_steps",
+          f"must be an int >= 1, got {tc.total_steps!r}")
+    o, b, m = tc.optim, tc.balance, tc.mtp
+    for field, v in (("optim.peak_lr", o.peak_lr), ("optim.cosine_end_lr", o.cosine_end_lr), ("optim.b1", o.b1),
+                     ("optim.b2", o.b2), ("optim.eps", o.eps), ("optim.weight_decay", o.weight_decay),
+                     ("balance.gamma", b.gamma), ("balance.alpha", b.alpha), ("mtp.lambda_", m.lambda_),
+                     ("mtp.lambda_after", m.lambda_after)):
+        check(_is_number(v), field, f"must be a finite number, got {v!r}")
+    check(o.clip_norm is None or _is_number(o.clip_norm), "optim.clip_norm",
+          f"must be None or a finite number, got {o.clip_norm!r}")
+    for field in ("warmup_steps", "constant_steps", "cosine_steps"):
+        check(_is_count(o[field]), f"optim.{field}", f"must be an int >= 0, got {o[field]!r}")
+    stages = o.final_stages
+    check(isinstance(stages, (list, tuple)) and all(
+        isinstance(st, (list, tuple)) and len(st) == 2 and _is_count(st[0]) and _is_number(st[1]) and st[1] >= 0
+        for st in stages), "optim.final_stages", f"must be a list of (n_steps >= 0, finite lr >= 0), got {stages!r}")
+    for field, v in (("balance.gamma_zero_after_step", b.gamma_zero_after_step),
+                     ("mtp.lambda_switch_step", m.lambda_switch_step)):
+        check(v is None or _is_count(v), field, f"must be None (never) or an int >= 0, got {v!r}")
+    check(o.cosine_end_lr >= 0, "optim.cosine_end_lr", f"must be >= 0, got {o.cosine_end_lr}")
     check(o.peak_lr >= 0, "optim.peak_lr", f"must be >= 0, got {o.peak_lr}")
     check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", f"must be in [0, 1), got {o.b1}, {o.b2}")
     check(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
@@ -299,6 +386,13 @@ def _micro_batches(batch) -> Tuple[jax.Array, jax.Array]:
     return tokens.astype(jnp.int32), mask
 
 
+def all_finite(tree) -> jax.Array:
+    """True iff every floating-point leaf of ``tree`` is finite (integer leaves, e.g. step counts, are ignored)."""
+    checks = [jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def _tree_where(ok, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
@@ -373,6 +467,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callabl
             if D and n_load != n_bias:  # every Router ran: each must have recorded its load
                 raise ValueError(f"update_router_bias: {n_bias} router biases but {n_load} recorded loads")
             new_router = update_router_bias(state.router, loads, gamma)
+        # everything that reaches a checkpoint must be finite, the router bias included
+        ok = ok & all_finite((new_params, new_opt_state, new_router))
         new_state = TrainState(step=step + 1,
                                params=_tree_where(ok, new_params, state.params),
                                opt_state=_tree_where(ok, new_opt_state, state.opt_state),

@@ -65,7 +65,7 @@ def base_config(total_steps: int = 300, peak_lr: float = 2e-3, warmup_steps: int
     c.loop = ml_collections.ConfigDict(dict(out_dir="runs/unnamed", seed=0, grad_accum=1, log_every=10,
                                             eval_every=100, eval_batches=16, ckpt_every=100, keep=1,
                                             overwrite=False, progress=True, sample_prompt="", sample_tokens=0,
-                                            **parallel_fields()))
+                                            max_skipped_fraction=0.05, **parallel_fields()))
     return c
 
 
@@ -106,7 +106,7 @@ def paper_base_config() -> ml_collections.ConfigDict:
     c.loop = ml_collections.ConfigDict(dict(out_dir="runs/unnamed", seed=0, grad_accum=PAPER_GRAD_ACCUM,
                                             log_every=10, eval_every=1000, eval_batches=64, ckpt_every=500,
                                             keep=3, overwrite=False, progress=True, sample_prompt="",
-                                            sample_tokens=0, **parallel_fields()))
+                                            sample_tokens=0, max_skipped_fraction=0.05, **parallel_fields()))
     return c
 
 

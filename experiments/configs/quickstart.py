@@ -28,5 +28,6 @@ def get_config():
                                             eval_every=40, eval_batches=16, ckpt_every=60, keep=2,
                                             overwrite=False, progress=True,
                                             sample_prompt="def fibonacci(n):\n    ", sample_tokens=96,
+                                            max_skipped_fraction=0.05,
                                             **parallel_fields()))
     return c

@@ -527,3 +527,21 @@ def test_builtin_corpus_end_to_end_small():
     assert b["tokens"].shape == (2, 65) and int(b["tokens"].max()) < BYTE.vocab_size
     ev = P.make_eval_batches(va, BYTE, 64, 2, max_batches=3)
     assert len(ev) <= 3
+
+
+def test_one_document_corpus_is_split_by_bytes(tmp_path):
+    """A single text file used to give no validation documents (the run could not start)."""
+    text = "def f(x):\n    return x  # é\n" * 40
+    doc = Document("one.py", text)
+    tr, va = C.split([doc], 0.1)
+    raw = text.encode()
+    n_val = len(va[0].text.encode())
+    assert [d.name for d in tr] == ["one.py#train"] and [d.name for d in va] == ["one.py#val"]
+    assert tr[0].text + va[0].text == text and abs(n_val - round(0.1 * len(raw))) <= 1  # é is 2 bytes
+    assert C.split([doc], 0.0) == ([doc], [])
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"corpus: .*empty.txt' holds no text \(1 documents, 0 bytes\)"):
+        C.load_corpus(str(tmp_path / "empty.txt"))

@@ -18,5 +18,6 @@ def get_config():
     c.loop = ml_collections.ConfigDict(dict(out_dir="runs/loop_test", seed=0, grad_accum=2, log_every=1,
                                             eval_every=5, eval_batches=2, ckpt_every=2, keep=2, overwrite=False,
                                             progress=False, sample_prompt="", sample_tokens=0,
-                                            step_delay_s=0.0, **parallel_fields()))
+                                            step_delay_s=0.0, max_skipped_fraction=0.05,
+                                            **parallel_fields()))
     return c

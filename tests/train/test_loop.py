@@ -1,6 +1,7 @@
 """The driver: kill -9 and SIGTERM mid-run then resume == uninterrupted (bitwise), refused output directory,
 non-finite stop. Subprocesses run `python -m experiments.run` exactly as a user would."""
 
+import json
 import os
 import signal
 import subprocess
@@ -170,3 +171,158 @@ def test_dense_model_runs_end_to_end(tmp_path):
     assert summary["step"] == 2 and np.isfinite(summary["validation"]["loss"])
     assert "max_vio_global" not in summary["validation"]
     assert summary["plots"] and all(os.path.getsize(p) > 0 for p in summary["plots"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability: corrupt checkpoints, no silent deletion, config errors before anything is written
+# ---------------------------------------------------------------------------------------------------------------
+def _flip_bits(step_dir, n=8):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+    path = max(files, key=os.path.getsize)
+    b = bytearray(open(path, "rb").read())
+    for i in range(n):
+        b[len(b) // 3 + 7 * i] ^= 0x40
+    with open(path, "wb") as f:
+        f.write(bytes(b))
+
+
+def test_corrupt_newest_checkpoint_of_a_moved_run_resumes_from_the_previous_one(uninterrupted, tmp_path, capfd):
+    """The run directory is moved to a new path (loop.out_dir is not compared) and 8 bits of its newest
+    checkpoint are flipped: the step is moved aside, the run retrains from step 8 to the same bits, saves step 10
+    again (this used to be a StepAlreadyExistsError crash loop), and a second rerun succeeds too."""
+    import shutil
+    ref_dir, _ = uninterrupted
+    out = tmp_path / "moved"
+    shutil.copytree(str(ref_dir), str(out))
+    _flip_bits(str(out / "checkpoints" / "10"))
+    summary = loop_lib.run(_cfg(out))
+    assert summary["step"] == 10
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "could not be restored" in ln]
+    assert len(lines) == 1 and "content checksum mismatch" in lines[0], err
+    assert os.path.isdir(out / "checkpoints" / "10.corrupt")
+    like = loop_lib.init_train_state(loop_lib.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
+                                     jax.random.PRNGKey(0), seq_len=32)
+    a, da = _restore(ref_dir, 10, like)
+    b, db = _restore(out, 10, like)
+    assert da == db
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    steps = [r["step"] for r in loop_lib.read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
+    assert steps == list(range(1, 11))
+    assert loop_lib.run(_cfg(out))["step"] == 10  # the rerun of the rerun
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loop.keep", 0, r"loop.keep must be an int >= 1, got 0"),
+    ("loop.ckpt_every", 0, r"loop.ckpt_every must be an int >= 1, got 0"),
+    ("loop.log_every", 0, r"loop.log_every must be an int >= 1, got 0"),
+    ("train.balance.gamma", float("inf"), r"train config balance.gamma: must be a finite number, got inf"),
+    ("data.val_fraction", 1.0, r"data.val_fraction must be a number in \[0.0, 1.0\)"),
+    ("model.overrides", {"num_hidden_layers": "2"}, r"ModelConfig.num_hidden_layers: must be a positive int, got 0"),
+    ("model.overrides", {"hidden_sise": 64}, r"unknown field\(s\) \['hidden_sise'\]"),
+])
+def test_config_errors_name_the_field_and_write_nothing(tmp_path, field, value, match):
+    c = _cfg(tmp_path / "bad")
+    head, last = field.rsplit(".", 1)
+    node = c
+    for p in head.split("."):
+        node = node[p]
+    node[last] = value
+    with pytest.raises(loop_lib.RunError, match=match):
+        loop_lib.run(c)
+    assert not os.path.exists(str(tmp_path / "bad"))  # so the corrected rerun is not "a different config"
+
+
+def _fake_run_dir(path, cfg, extra=()):
+    os.makedirs(os.path.join(path, "checkpoints", "4"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(loop_lib._comparable(cfg), f)
+    for name in extra:
+        with open(os.path.join(path, name), "w") as f:
+            f.write("mine")
+
+
+def test_overwrite_moves_aside_and_refuses_foreign_files(tmp_path):
+    other = _cfg(tmp_path / "run")
+    other.data.seq_len = 16
+    _fake_run_dir(str(tmp_path / "run"), other, extra=("notes.txt",))
+    c = _cfg(tmp_path / "run", overwrite=True)
+    with pytest.raises(loop_lib.RunError, match=r"also holds \['notes.txt'\].*refusing"):
+        loop_lib._prepare_out_dir(c)
+    assert os.path.exists(tmp_path / "run" / "notes.txt") and os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+    os.remove(tmp_path / "run" / "notes.txt")
+    loop_lib._prepare_out_dir(c)  # only run outputs: moved aside, never deleted
+    moved = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
+    assert len(moved) == 1 and os.path.isdir(tmp_path / moved[0] / "checkpoints" / "4")
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f) == loop_lib._comparable(c)
+    # without overwrite the refusal no longer recommends deleting anything
+    c2 = _cfg(tmp_path / "run")
+    c2.data.seq_len = 8
+    with pytest.raises(loop_lib.RunError, match="move the old run aside"):
+        loop_lib._prepare_out_dir(c2)
+
+
+def test_checkpoints_without_config_json_are_refused_not_rewritten(tmp_path):
+    _fake_run_dir(str(tmp_path / "run"), _cfg(tmp_path / "run"))
+    os.remove(tmp_path / "run" / "config.json")
+    c = _cfg(tmp_path / "run")
+    c.train.optim.peak_lr = 3e-3
+    with pytest.raises(loop_lib.RunError, match="holds checkpoints/ but no config.json"):
+        loop_lib.run(c)
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_truncate_jsonl_drops_a_torn_final_line_only(tmp_path):
+    p = str(tmp_path / "m.jsonl")
+    with open(p, "w") as f:
+        f.write('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    loop_lib.truncate_jsonl(p, 5)
+    assert [r["step"] for r in loop_lib.read_jsonl(p)] == [1, 2]
+    with open(p, "w") as f:
+        f.write('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not a metrics record"):
+        loop_lib.truncate_jsonl(p, 5)
+
+
+def test_skipped_steps_over_the_limit_fail_loudly_and_step0_validation_is_not_duplicated(tmp_path, capfd):
+    """lr 1e30: every update overflows (its norm is inf), so every step is skipped and the run learns nothing;
+    it used to finish with exit 0. It keeps its checkpoint and summary but raises (experiments.run exits 3).
+    The directory also holds what a run killed before its first checkpoint leaves: config.json and a step-0
+    validation record, which is not duplicated (the sweep used to drop such a seed from its means)."""
+    out = tmp_path / "lr"
+    c = _cfg(out)
+    c.train.total_steps, c.loop.eval_every, c.loop.ckpt_every = 4, 4, 4
+    c.train.optim.update(dict(peak_lr=1e30, warmup_steps=0, constant_steps=4))
+    os.makedirs(str(out))
+    with open(out / "config.json", "w") as f:
+        json.dump(loop_lib._comparable(c), f)
+    with open(out / "validation.jsonl", "w") as f:
+        f.write('{"step": 0, "loss": 5.5}\n')
+    with pytest.raises(loop_lib.TooManySkippedError, match=r"4 of 4 steps were skipped") as e:
+        loop_lib.run(c)
+    assert e.value.summary["skipped_fraction_exceeded"] and "WARNING" in capfd.readouterr().err
+    with open(out / "summary.json") as f:
+        assert json.load(f)["skipped_steps"] == 4
+    assert [r["step"] for r in loop_lib.read_jsonl(str(out / "validation.jsonl"))] == [0, 4]
+
+
+def _cli(out_dir, *extra, timeout=180):
+    cmd = [sys.executable, "-m", "experiments.run", f"--config={CONFIG_FILE}", f"--config.loop.out_dir={out_dir}",
+           *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--config.loop.ckpt_every=0",), "error: loop.ckpt_every must be an int >= 1, got 0"),
+    (("--config.model.overrides.num_hidden_layers=0",),
+     "error: model (model.preset='tiny' + model.overrides): ModelConfig.num_hidden_layers: must be a positive int, "
+     "got 0"),
+    (("--config.train.bogus=1",), "error: --config.train.bogus: the config has no field 'train.bogus'"),
+])
+def test_cli_config_errors_are_one_line_exit_2(tmp_path, extra, message):
+    """--config.model.overrides.<field> reaches ModelConfig even though loop_config's overrides lack the key."""
+    r = _cli(tmp_path / "cli", *extra)
+    assert r.returncode == 2 and r.stderr.strip() == message, (r.returncode, r.stderr[-3000:])
+    assert not os.path.exists(tmp_path / "cli")

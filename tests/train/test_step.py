@@ -3,6 +3,8 @@ outside the optimizer), non-finite steps skipped, metrics consistent with the ev
 
 Two compiled steps are shared by every test (shapes [2, 1, T+1] and [1, 2, T+1]); compiling is most of the time."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from deepseek_jax import config
 from deepseek_jax.train import (bias_update, default_train_config, init_train_state, make_eval_step,
                                 make_train_step, update_router_bias)
+from deepseek_jax.train.step import rederive_schedule, validate_train_config
 
 TINY = config.preset("tiny", moe_dispatch="dense")  # as tests/train/conftest.py's tiny_variables
 SEQ = 8
@@ -209,3 +212,69 @@ def test_train_config_defaults_and_validation():
     tc.balance.gamma = -1.0
     with pytest.raises(ValueError, match="balance.gamma"):
         make_train_step(TINY, tc)
+
+
+@pytest.mark.parametrize("field,value", [("balance.gamma", float("inf")), ("balance.gamma", float("nan")),
+                                         ("optim.peak_lr", float("inf")), ("optim.cosine_end_lr", float("nan")),
+                                         ("balance.alpha", float("inf")), ("mtp.lambda_", float("nan")),
+                                         ("optim.final_stages", [(3, float("inf"))]),
+                                         ("optim.warmup_steps", -1), ("total_steps", 0)])
+def test_nonfinite_or_negative_schedule_values_are_refused(field, value):
+    tc = default_train_config(100)
+    head, _, last = field.rpartition(".")
+    (tc[head] if head else tc)[last] = value
+    with pytest.raises(ValueError, match=f"train config {field}"):
+        validate_train_config(tc)
+
+
+def test_router_bias_overflow_is_skipped_not_checkpointed(tiny_variables):
+    """gamma = 3e38 is finite, but two bias updates overflow fp32: the guard covers the router collection, so the
+    second step is skipped and the bias stays finite (it used to turn inf with skipped == 0)."""
+    tc = _train_cfg()
+    tc.balance.gamma = 3e38
+    state = init_train_state(TINY, tc, None, variables=tiny_variables)
+    step = jax.jit(make_train_step(TINY, tc))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, SEQ + 1), 2, TINY.vocab_size)
+    for _ in range(3):
+        state, m = step(state, _batch(tokens[:, None]))
+    assert int(state.skipped) == 2 and float(m["nonfinite"]) == 1
+    for leaf in _leaves((state.params, state.opt_state, state.router)):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_warmup_is_used_as_configured_and_the_auto_rule_is_explicit():
+    # an explicit warmup is never capped (it used to become 1% of the run: 20 -> 1 for the quickstart's 120 steps)
+    assert default_train_config(120, 1.5e-3, warmup_steps=20).optim.warmup_steps == 20
+    assert default_train_config(300, 2e-3, warmup_steps=20).optim.warmup_steps == 20
+    # not set: min(2000, max(1, 1% of the run))
+    assert default_train_config(120).optim.warmup_steps == 1
+    assert default_train_config(1_000_000).optim.warmup_steps == 2000
+    with pytest.raises(ValueError, match=r"warmup_steps must be an int in \[0, total_steps=10\]"):
+        default_train_config(10, warmup_steps=20)
+
+
+def test_schedule_follows_command_line_overrides():
+    base = default_train_config(120, 1.5e-3, warmup_steps=20)
+    tc = copy.deepcopy(base)
+    tc.total_steps, tc.optim.peak_lr = 500, 3e-3
+    changed = rederive_schedule(base, tc, {"total_steps", "optim.peak_lr"})
+    want = default_train_config(500, 3e-3, warmup_steps=20)
+    assert set(changed) == {"optim.constant_steps", "optim.cosine_steps", "optim.cosine_end_lr", "optim.final_stages",
+                            "balance.gamma_zero_after_step", "mtp.lambda_switch_step"}
+    assert tc.optim.to_dict() == want.optim.to_dict()
+    assert (tc.balance.gamma_zero_after_step, tc.mtp.lambda_switch_step) == (483, 338) == (
+        want.balance.gamma_zero_after_step, want.mtp.lambda_switch_step)
+    # a derived field also set on the command line wins
+    tc = copy.deepcopy(base)
+    tc.total_steps, tc.optim.cosine_steps = 500, 7
+    rederive_schedule(base, tc, {"total_steps", "optim.cosine_steps"})
+    assert tc.optim.cosine_steps == 7 and tc.optim.constant_steps == want.optim.constant_steps
+    # a hand-set schedule cannot follow: refused, naming the field
+    base.optim.constant_steps = 50
+    tc = copy.deepcopy(base)
+    tc.total_steps = 500
+    with pytest.raises(ValueError, match="train config optim.constant_steps: the config file sets it by hand"):
+        rederive_schedule(base, tc, {"total_steps"})
+    # nothing schedule-related overridden: untouched
+    tc = copy.deepcopy(base)
+    assert rederive_schedule(base, tc, {"balance.gamma"}) == [] and tc == base
