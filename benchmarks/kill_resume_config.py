@@ -4,7 +4,7 @@ checkpoint every 3 steps (keep 2), validation every 4, aux-loss-free bias update
 
 import ml_collections
 
-from deepseek_jax.train.loop import parallel_fields
+from deepseek_jax.train.run_config import parallel_fields
 from deepseek_jax.train.step import default_train_config
 
 

@@ -55,6 +55,8 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from deepseek_jax.data import corpus as corpus_lib
+from deepseek_jax.train import run_config
+from deepseek_jax.train.loop import run as run_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -86,14 +88,12 @@ def load_experiment(name_or_path: str):
 
 def comparable(cfg) -> Dict[str, Any]:
     """The config as the training loop stores it in config.json (its resume check compares the same dict)."""
-    from deepseek_jax.train.loop import _comparable
-    return _comparable(cfg)
+    return run_config.comparable_config(cfg)
 
 
 def config_diff(theirs, mine) -> List[str]:
     """The fields the training loop's resume check would see as different."""
-    from deepseek_jax.train.loop import config_diff as diff
-    return diff(theirs, mine)
+    return run_config.config_diff(theirs, mine)
 
 
 def run_dir(results_root: str, experiment: str, arm: str, seed: int) -> str:
@@ -115,8 +115,7 @@ def subprocess_runner(cfg, cmd: List[str], timeout: Optional[float]) -> None:
 
 def inprocess_runner(cfg, cmd, timeout) -> None:
     """Run in this process (tests: shares compiled programs across runs)."""
-    from deepseek_jax.train.loop import run
-    run(cfg)
+    run_training(cfg)
 
 
 def run_experiment(mod, arms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,

@@ -54,33 +54,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax import generate as generate_lib
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import CheckpointError, Checkpointer, abstract_like
 from deepseek_jax.parallel import step as sharded
-from deepseek_jax.metrics import MetricsWriter, bits_per_byte, read_jsonl, truncate_jsonl
+from deepseek_jax.metrics import MetricsWriter, bits_per_byte, truncate_jsonl
 from deepseek_jax.provenance import git_rev, machine
 from deepseek_jax.train import losses
-from deepseek_jax.train.optimizer import batch_size_at
+from deepseek_jax.plots import plot_run
+from deepseek_jax.train.run_config import (BatchPlan, RunError, comparable_config, config_diff, model_config)
 from deepseek_jax.train.step import init_train_state, make_eval_step, make_train_step, validate_train_config
 
-# Fields that may differ between a run and its resumption (they do not change the computation).
-_RESUMABLE_KEYS = ("loop.overwrite", "loop.progress", "loop.step_delay_s", "loop.mesh", "loop.out_dir",
-                   "loop.max_skipped_fraction")
-# Optional fields left out of the comparison while at their default, so runs made before they existed still match.
-_OMITTED_AT_DEFAULT = {"loop.ep_capacity_factor": None}
 
 
 # loop.max_skipped_fraction when a config does not set it: a healthy run skips no step.
 DEFAULT_MAX_SKIPPED_FRACTION = 0.05
 # What a run writes in its out_dir (``loop.overwrite`` moves aside a directory holding only these, and plots).
 RUN_OUTPUTS = ("config.json", "checkpoints", "metrics.jsonl", "validation.jsonl", "summary.json", "tb", "run.log")
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or must stop; the message says why and what to do."""
 
 
 class TooManySkippedError(RunError):
@@ -94,31 +85,6 @@ def _code_version() -> str:
 
 def machine_info() -> Dict[str, Any]:
     return machine()
-
-
-def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, ml_collections.ConfigDict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _comparable(cfg) -> Dict[str, Any]:
-    flat = json.loads(json.dumps(_flat(cfg), default=str))
-    return {k: v for k, v in flat.items()
-            if k not in _RESUMABLE_KEYS and not (k in _OMITTED_AT_DEFAULT and v == _OMITTED_AT_DEFAULT[k])}
-
-
-def config_diff(theirs: Dict[str, Any], mine: Dict[str, Any]) -> list:
-    """The fields in which two stored configs (config.json dicts) differ, resumable fields left out on both
-    sides (config.json files written before loop.out_dir became resumable still hold it)."""
-    theirs = {k: v for k, v in theirs.items() if k not in _RESUMABLE_KEYS}
-    mine = {k: v for k, v in mine.items() if k not in _RESUMABLE_KEYS}
-    return sorted(k for k in set(theirs) | set(mine) if theirs.get(k, "<absent>") != mine.get(k, "<absent>"))
 
 
 def _int_field(cfg, field: str, low: int) -> None:
@@ -179,7 +145,7 @@ def _prepare_out_dir(cfg) -> str:
         _sync("prepare_out_dir")
         return out
     path = os.path.join(out, "config.json")
-    mine = _comparable(cfg)
+    mine = comparable_config(cfg)
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -218,12 +184,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def parallel_fields() -> Dict[str, Any]:
-    """The loop fields of a parallel run, for config files: ``loop = ConfigDict(dict(..., **parallel_fields()))``
-    makes ``--config.loop.mesh=data=2,expert=4`` and ``--config.loop.ep_capacity_factor=1.25`` settable."""
-    return {"mesh": "", "ep_capacity_factor": ml_collections.FieldReference(None, field_type=float)}
-
-
 def _parallel(cfg, plan):
     """(mesh, ep_capacity_factor) from loop.mesh / loop.ep_capacity_factor; (None, None) for one device. Checks
     that every batch the run will see splits evenly over the mesh's batch axes, naming the fields."""
@@ -248,28 +208,6 @@ def _parallel(cfg, plan):
     return mesh, (None if cf is None else float(cf))
 
 
-def compute_dtype(requested: str = "auto", backend: Optional[str] = None) -> str:
-    """The training compute dtype: ``model.compute_dtype`` = "auto" picks bfloat16 on accelerators (the paper's
-    mixed precision: BF16 compute, FP32 master weights) and float32 on CPU, where XLA's bf16 matmul is no faster
-    (1024x1024: 49 ms bf16 vs 43 ms fp32 on the 2-core EPYC dev machine, jax 0.10.2) and fp32 keeps results
-    comparable with the parity tests. An explicit dtype is used as given."""
-    if requested != "auto":
-        return requested
-    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
-
-
-def model_config(cfg, tokenizer) -> config_lib.ModelConfig:
-    """The ModelConfig of a run: the preset, its overrides, the tokenizer's vocabulary and EOS, and the compute
-    dtype (``model.compute_dtype``, "auto" by default; an explicit ``overrides.dtype`` wins)."""
-    overrides = dict(cfg.model.get("overrides", {}) or {})
-    overrides.update(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, bos_token_id=None)
-    overrides.setdefault("dtype", compute_dtype(cfg.model.get("compute_dtype", "auto")))
-    try:
-        return config_lib.preset(cfg.model.preset, **overrides)
-    except ValueError as e:
-        raise RunError(f"model (model.preset={cfg.model.preset!r} + model.overrides): {e}") from None
-
-
 class _Stop:
     """SIGTERM/SIGINT -> finish the step, checkpoint, exit."""
 
@@ -288,49 +226,6 @@ class _Stop:
     def __exit__(self, *exc):
         for sig, h in self._old.items():
             signal.signal(sig, h)
-
-
-class BatchPlan:
-    """Global batch size (sequences) of every step, and how it splits into micro-batches.
-
-    Without ``data.batch_ramp`` every step has ``data.batch_size`` sequences in ``loop.grad_accum`` micro-batches.
-    With ``data.batch_ramp = {start, tokens}`` the global batch follows the paper's ramp (V3 §4.2: 3072 -> 15360
-    sequences over the first 469B tokens) from ``start`` to ``data.batch_size`` over ``tokens`` training tokens,
-    through ``optimizer.batch_size_at`` (linear in tokens seen, rounded down to whole micro-batches). The
-    micro-batch stays ``data.batch_size // loop.grad_accum`` sequences (memory is constant); the number of
-    micro-batches grows with the batch, and each distinct count compiles the step once.
-
-    The size of step s depends only on the config and s (tokens seen before s = the sum of the earlier steps'
-    sizes times seq_len), so a resumed run recomputes it exactly; the LR and the other schedules keep counting
-    steps (PAPER_* schedules in optimizer.py note why that is close to the paper's token clock).
-    """
-
-    def __init__(self, data_cfg, grad_accum: int):
-        self.end, self.n_micro, self.seq_len = int(data_cfg.batch_size), int(grad_accum), int(data_cfg.seq_len)
-        if self.n_micro < 1 or self.end % self.n_micro:
-            raise RunError(f"data.batch_size={self.end} is not divisible by loop.grad_accum={self.n_micro}")
-        self.micro = self.end // self.n_micro
-        ramp = data_cfg.get("batch_ramp", None)
-        self.ramp = None
-        if ramp is not None:
-            start, tokens = int(ramp.start), float(ramp.tokens)
-            if not 0 < start <= self.end or start % self.micro:
-                raise RunError(f"data.batch_ramp.start={start} must be in (0, data.batch_size={self.end}] and a "
-                               f"multiple of the micro-batch data.batch_size / loop.grad_accum = {self.micro}")
-            if tokens < 0:
-                raise RunError(f"data.batch_ramp.tokens={tokens} must be >= 0")
-            self.ramp = (start, tokens)
-        self._sizes, self._tokens = [], 0.0
-
-    def size(self, step: int) -> int:
-        """Global batch size of step ``step`` (0-based)."""
-        if self.ramp is None:
-            return self.end
-        while len(self._sizes) <= step:
-            bs = batch_size_at(self._tokens, self.ramp[0], self.end, self.ramp[1], multiple=self.micro)
-            self._sizes.append(bs)
-            self._tokens += bs * self.seq_len
-        return self._sizes[step]
 
 
 def evaluate(eval_step, state, batches) -> Dict[str, float]:
@@ -399,7 +294,7 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
         eval_step = sharded.shard_eval_step(mcfg, mesh, ep_capacity_factor=ep_cf)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.loop.keep,
                         log_path=os.path.join(out_dir, "run.log") if _is_main_process() else None)
-    meta_base = {"config": _comparable(cfg), "model_config": mcfg.to_dict(), "corpus_fingerprint": fp,
+    meta_base = {"config": comparable_config(cfg), "model_config": mcfg.to_dict(), "corpus_fingerprint": fp,
                  "corpus": {"docs": len(docs), "train_docs": len(train_docs), "val_docs": len(val_docs),
                             "bytes": data_lib.total_bytes(docs), "source": data_lib.corpus_source(cfg.data.corpus)},
                  "code_version": _code_version(), "machine": machine_info(),
@@ -493,7 +388,8 @@ def run(cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
     too_many = summary["skipped_steps"] > max_frac * step
     summary["skipped_fraction_exceeded"] = bool(too_many)
     # the sample decodes on process-local arrays; a multi-process run has no process holding the whole state
-    summary["sample"] = _sample(cfg, mcfg, state, tok) if jax.process_count() == 1 else None
+    summary["sample"] = (sample_after_training(cfg, mcfg, state, tok) if jax.process_count() == 1
+                         else None)
     if main:
         summary["plots"] = plot_run(out_dir)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
@@ -520,7 +416,8 @@ class _NullWriter:
         pass
 
 
-def _sample(cfg, mcfg, state, tok) -> Optional[Dict[str, str]]:
+def sample_after_training(cfg, mcfg, state, tok) -> Optional[Dict[str, str]]:
+    """A completion of loop.sample_prompt (loop.sample_tokens tokens) by the trained model, for the summary."""
     prompt = cfg.loop.get("sample_prompt", "")
     if not prompt or not cfg.loop.get("sample_tokens", 0):
         return None
@@ -530,45 +427,3 @@ def _sample(cfg, mcfg, state, tok) -> Optional[Dict[str, str]]:
                                 temperature=float(cfg.loop.get("sample_temperature", 0.8)), top_k=40,
                                 seed=int(cfg.loop.seed), eos_id=tok.eos_id)
     return {"prompt": prompt, "completion": tok.decode(new)}
-
-
-def plot_run(out_dir: str) -> list:
-    """PNG plots of the training and validation curves, from the run's JSONL logs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    train = read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if os.path.exists(
-        os.path.join(out_dir, "metrics.jsonl")) else []
-    val_path = os.path.join(out_dir, "validation.jsonl")
-    val = read_jsonl(val_path) if os.path.exists(val_path) else []
-    if not train:
-        return paths
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    s = [r["step"] for r in train]
-    axes[0].plot(s, [r["ce"] for r in train], label="train CE")
-    if "mtp_loss" in train[0]:
-        axes[0].plot(s, [r["mtp_loss"] for r in train], label="MTP loss (x lambda)")
-    if val:
-        axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val CE")
-    axes[0].set_xlabel("step"); axes[0].set_ylabel("nats/token"); axes[0].legend(); axes[0].set_title("loss")
-    if val:
-        axes[1].plot([r["step"] for r in val], [r["bpb"] for r in val], "o-", label="val bits/byte")
-    axes[1].plot(s, [r["bpb_train"] for r in train], alpha=0.5, label="train bits/byte")
-    axes[1].set_xlabel("step"); axes[1].legend(); axes[1].set_title("bits per byte")
-    if "max_vio_batch" in train[0]:
-        axes[2].plot(s, [r["max_vio_batch"] for r in train], label="MaxVio_batch")
-    if val and "max_vio_global" in val[0]:
-        axes[2].plot([r["step"] for r in val], [r["max_vio_global"] for r in val], "o-", label="MaxVio_global (val)")
-    if axes[2].lines:
-        axes[2].legend()
-    else:  # a dense model (e.g. the scaling experiment's): no experts to balance
-        axes[2].text(0.5, 0.5, "no MoE layers", ha="center", va="center", transform=axes[2].transAxes)
-    axes[2].set_xlabel("step"); axes[2].set_title("expert load imbalance")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "curves.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
-    return paths

@@ -38,7 +38,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import ml_collections
 
-from deepseek_jax.train.loop import parallel_fields
+from deepseek_jax import model as model_lib
+from deepseek_jax.data import get_tokenizer
+from deepseek_jax.train.run_config import BatchPlan, model_config, parallel_fields
 from deepseek_jax.train.step import default_train_config
 
 SEEDS = (0, 1, 2)
@@ -85,7 +87,6 @@ PAPER_GRAD_ACCUM = 40  # micro-batch 15360 / 40 = 384 sequences; the ramp's star
 
 def steps_for_tokens(data_cfg, grad_accum: int, tokens: float) -> int:
     """Steps until ``tokens`` training tokens are seen, with the loop's own batch plan (ramp included)."""
-    from deepseek_jax.train.loop import BatchPlan
     plan, seen, step = BatchPlan(data_cfg, grad_accum), 0.0, 0
     while seen < tokens:
         seen += plan.size(step) * plan.seq_len
@@ -181,14 +182,11 @@ def experiment_config(experiment: str, arms: Mapping[str, Mapping[str, Any]], ar
 
 def arm_model_config(cfg: ml_collections.ConfigDict):
     """The ModelConfig an arm trains (byte tokenizer's vocab/eos, as the loop builds it), for derived values."""
-    from deepseek_jax.data import get_tokenizer
-    from deepseek_jax.train.loop import model_config
     return model_config(cfg, get_tokenizer(cfg.data.tokenizer))
 
 
 def derived_values(cfg: ml_collections.ConfigDict) -> Dict[str, float]:
     """Numbers an arm has by construction (no training): parameter counts and KV-cache bytes per token."""
-    from deepseek_jax import model as model_lib
     mcfg = arm_model_config(cfg)
     c = model_lib.count_params(mcfg)
     return {"params_total": c["total"], "params_activated": c["activated"], "params_mtp": c["mtp"],

@@ -9,7 +9,7 @@ layer, aux-loss-free balancing, MTP depth 1, byte-level tokens, FIM 0.1.
 
 import ml_collections
 
-from deepseek_jax.train.loop import parallel_fields
+from deepseek_jax.train.run_config import parallel_fields
 from deepseek_jax.train.step import default_train_config
 
 

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from deepseek_jax.train.loop import parallel_fields
+from deepseek_jax.train.run_config import parallel_fields
 from deepseek_jax.train.step import default_train_config
 
 

@@ -15,6 +15,7 @@ import pytest
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
 from deepseek_jax.data import get_tokenizer
 from deepseek_jax.train import loop as loop_lib
+from deepseek_jax.train import run_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -89,7 +90,7 @@ def test_kill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_pa
     # 3) rerun to completion (same command; in-process here) and compare every bit of the final state.
     summary = loop_lib.run(_cfg(out))
     assert summary["step"] == 10
-    like = loop_lib.init_train_state(loop_lib.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
+    like = loop_lib.init_train_state(run_config.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
                                      jax.random.PRNGKey(0), seq_len=32)
     a, da = _restore(ref_dir, 10, like)
     b, db = _restore(out, 10, like)
@@ -148,15 +149,15 @@ def test_nonfinite_stop_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_compute_dtype_auto_is_bf16_off_cpu_and_explicit_wins():
-    assert loop_lib.compute_dtype("auto", backend="cpu") == "float32"
-    assert loop_lib.compute_dtype("auto", backend="gpu") == "bfloat16"
-    assert loop_lib.compute_dtype("auto", backend="tpu") == "bfloat16"
-    assert loop_lib.compute_dtype("bfloat16", backend="cpu") == "bfloat16"
+    assert run_config.compute_dtype("auto", backend="cpu") == "float32"
+    assert run_config.compute_dtype("auto", backend="gpu") == "bfloat16"
+    assert run_config.compute_dtype("auto", backend="tpu") == "bfloat16"
+    assert run_config.compute_dtype("bfloat16", backend="cpu") == "bfloat16"
     c = loop_config.get_config()
     tok = get_tokenizer("byte")
-    assert loop_lib.model_config(c, tok).dtype == "float32"  # tests run on CPU
+    assert run_config.model_config(c, tok).dtype == "float32"  # tests run on CPU
     c.model.overrides = {"rope_scaling": None, "dtype": "bfloat16"}
-    assert loop_lib.model_config(c, tok).dtype == "bfloat16"
+    assert run_config.model_config(c, tok).dtype == "bfloat16"
 
 
 def test_dense_model_runs_end_to_end(tmp_path):
@@ -201,7 +202,7 @@ def test_corrupt_newest_checkpoint_of_a_moved_run_resumes_from_the_previous_one(
     lines = [ln for ln in err.splitlines() if "could not be restored" in ln]
     assert len(lines) == 1 and "content checksum mismatch" in lines[0], err
     assert os.path.isdir(out / "checkpoints" / "10.corrupt")
-    like = loop_lib.init_train_state(loop_lib.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
+    like = loop_lib.init_train_state(run_config.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
                                      jax.random.PRNGKey(0), seq_len=32)
     a, da = _restore(ref_dir, 10, like)
     b, db = _restore(out, 10, like)
@@ -237,7 +238,7 @@ def test_config_errors_name_the_field_and_write_nothing(tmp_path, field, value, 
 def _fake_run_dir(path, cfg, extra=()):
     os.makedirs(os.path.join(path, "checkpoints", "4"))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(loop_lib._comparable(cfg), f)
+        json.dump(run_config.comparable_config(cfg), f)
     for name in extra:
         with open(os.path.join(path, name), "w") as f:
             f.write("mine")
@@ -256,7 +257,7 @@ def test_overwrite_moves_aside_and_refuses_foreign_files(tmp_path):
     moved = [p for p in os.listdir(tmp_path) if p.startswith("run.replaced-")]
     assert len(moved) == 1 and os.path.isdir(tmp_path / moved[0] / "checkpoints" / "4")
     with open(tmp_path / "run" / "config.json") as f:
-        assert json.load(f) == loop_lib._comparable(c)
+        assert json.load(f) == run_config.comparable_config(c)
     # without overwrite the refusal no longer recommends deleting anything
     c2 = _cfg(tmp_path / "run")
     c2.data.seq_len = 8
@@ -297,7 +298,7 @@ def test_skipped_steps_over_the_limit_fail_loudly_and_step0_validation_is_not_du
     c.train.optim.update(dict(peak_lr=1e30, warmup_steps=0, constant_steps=4))
     os.makedirs(str(out))
     with open(out / "config.json", "w") as f:
-        json.dump(loop_lib._comparable(c), f)
+        json.dump(run_config.comparable_config(c), f)
     with open(out / "validation.jsonl", "w") as f:
         f.write('{"step": 0, "loss": 5.5}\n')
     with pytest.raises(loop_lib.TooManySkippedError, match=r"4 of 4 steps were skipped") as e:
