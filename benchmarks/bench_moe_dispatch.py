@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--bias-std", type=float, default=0.25, help="per-expert logit offset std (imbalanced case)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write", action="store_true", help="write the .md and .json results")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "moe_dispatch_cpu"),
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 "moe_dispatch_cpu"),
                    help="results path without extension (with --write)")
     p.add_argument("--json", default=None, help="also write the JSON here")
     return p.parse_args(argv)
@@ -295,8 +296,8 @@ def render(info, rows):
                f"{_fmt(r.get('fwd_rel_err_vs_dense'), '.1e')} | {_fmt(r.get('grad_rel_err_vs_dense'), '.1e')} |"))
     loads = {r["case"]: r["load"] for r in rows}
     out += ["", "Router loads: " + "; ".join(
-        f"{c}: max/mean {l['max_over_mean']:.2f}, min/mean {l['min_over_mean']:.2f}, {l['empty_experts']} empty"
-        for c, l in loads.items()), ""]
+        f"{c}: max/mean {ld['max_over_mean']:.2f}, min/mean {ld['min_over_mean']:.2f}, {ld['empty_experts']} empty"
+        for c, ld in loads.items()), ""]
     return "\n".join(out) + "\n"
 
 

@@ -24,7 +24,7 @@ MFU: model FLOPs per token = 6 * N_act + 6 * L * T * H * (d_qk + d_v)
 Peak: median fp32 GFLOP/s of jnp.dot(2048x2048, 2048x2048) measured in the same run (torch.mm also printed).
 
     python -m benchmarks.bench_train                # print the table
-    python -m benchmarks.bench_train --mtp --write  # also time ours with MTP; write experiments/results/bench_train_cpu.{md,json}
+    python -m benchmarks.bench_train --mtp --write  # also with MTP; write benchmarks/results/bench_train_cpu.*
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each contender after compile")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attn_implementation")
     ap.add_argument("--experts", default="default",
-                    help="comma list of transformers experts_implementation to time (default: the library's, grouped_mm in "
+                    help="comma list of transformers experts_implementation to time (default: the library's, "
+                         "grouped_mm in "
                          "5.x; e.g. default,eager); the fastest is the baseline of the ratio")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time our jitted forward loss and forward+backward alone (where the step time goes)")
@@ -218,7 +219,8 @@ def main(argv=None):
     for experts in args.experts.split(","):
         hf_step, hf_box, hf_info = build_hf(tokens_np, args.attn, experts)
         contenders.append((f"transformers DeepseekV3ForCausalLM (torch eager, attn={hf_info['attn_implementation']}"
-                           f", experts={hf_info['experts_implementation']})", hf_step, hf_box, {"flops": fl, **hf_info}))
+                           f", experts={hf_info['experts_implementation']})", hf_step, hf_box,
+                           {"flops": fl, **hf_info}))
         print(f"transformers: {hf_info}", flush=True)
 
     for name, step, box, _ in contenders:
@@ -279,7 +281,8 @@ def main(argv=None):
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['step_ms_median']:.0f} | {r['step_ms_min']:.0f} | {r['tokens_per_s']:,.0f} | "
-                     f"**{r['speedup_vs_transformers']:.2f}** | {r['speedup_best']:.2f} | {r['gflops']:.1f} | {100 * r['mfu_vs_jax_peak']:.1f}% | "
+                     f"**{r['speedup_vs_transformers']:.2f}** | {r['speedup_best']:.2f} | {r['gflops']:.1f} | "
+                     f"{100 * r['mfu_vs_jax_peak']:.1f}% | "
                      f"{100 * r['mfu_vs_torch_peak']:.1f}% |")
     table = "\n".join(lines)
     print()
@@ -316,7 +319,8 @@ def main(argv=None):
                 if load_before[0] > 0.75 * (os.cpu_count() or 1) else
                 " (quiet before the run; the benchmark's own threads raise the load while it runs)")),
             f"- timing: {args.warmup} warmup steps each after compile, then {args.steps} rounds, one step of every "
-            f"contender per round back to back; median step time; the ratio is the median of per-round ratios; 'best / best' = "
+            f"contender per round back to back; median step time; the ratio is the median of per-round ratios; "
+            f"'best / best' = "
             f"fastest transformers step / our fastest step (closest to an unloaded machine: torch's OpenMP threads "
             f"suffer far more than XLA's from a competing process, which inflates the median ratio under load)",
             f"- FLOPs/token = 6 * N_act + 6 * L * T * H * (d_qk + d_v) = 6 * {fl_info['activated_params']:,} + "

@@ -119,7 +119,8 @@ def _block_map(cfg: ModelConfig, prefix: str, path: Tuple[str, ...], index: Tupl
             yield lin(f"mlp.{p}", ("mlp", p))
         return
     yield TensorMap(f"{prefix}mlp.gate.weight", "params", path + ("mlp", "router", "kernel"), index, True)
-    yield TensorMap(f"{prefix}mlp.gate.e_score_correction_bias", "router", router_path + ("mlp", "router", "bias"), index)
+    yield TensorMap(f"{prefix}mlp.gate.e_score_correction_bias", "router", router_path + ("mlp", "router", "bias"),
+                    index)
     for e in range(cfg.n_routed_experts):
         for p in ("gate", "up", "down"):
             yield TensorMap(f"{prefix}mlp.experts.{e}.{p}_proj.weight", "params", path + ("mlp", f"experts_{p}"),

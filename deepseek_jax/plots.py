@@ -27,11 +27,16 @@ def plot_run(out_dir: str) -> list:
         axes[0].plot(s, [r["mtp_loss"] for r in train], label="MTP loss (x lambda)")
     if val:
         axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val CE")
-    axes[0].set_xlabel("step"); axes[0].set_ylabel("nats/token"); axes[0].legend(); axes[0].set_title("loss")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("nats/token")
+    axes[0].legend()
+    axes[0].set_title("loss")
     if val:
         axes[1].plot([r["step"] for r in val], [r["bpb"] for r in val], "o-", label="val bits/byte")
     axes[1].plot(s, [r["bpb_train"] for r in train], alpha=0.5, label="train bits/byte")
-    axes[1].set_xlabel("step"); axes[1].legend(); axes[1].set_title("bits per byte")
+    axes[1].set_xlabel("step")
+    axes[1].legend()
+    axes[1].set_title("bits per byte")
     if "max_vio_batch" in train[0]:
         axes[2].plot(s, [r["max_vio_batch"] for r in train], label="MaxVio_batch")
     if val and "max_vio_global" in val[0]:
@@ -40,7 +45,8 @@ def plot_run(out_dir: str) -> list:
         axes[2].legend()
     else:  # a dense model (e.g. the scaling experiment's): no experts to balance
         axes[2].text(0.5, 0.5, "no MoE layers", ha="center", va="center", transform=axes[2].transAxes)
-    axes[2].set_xlabel("step"); axes[2].set_title("expert load imbalance")
+    axes[2].set_xlabel("step")
+    axes[2].set_title("expert load imbalance")
     fig.tight_layout()
     p = os.path.join(out_dir, "curves.png")
     fig.savefig(p, dpi=100)

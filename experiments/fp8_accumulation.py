@@ -104,7 +104,8 @@ def report(res):
     colors = dict(zip(BITS, ("tab:red", "tab:orange", "tab:blue")))
     for b in BITS:
         ax.plot(KS, [get("limited", b, None, K) for K in KS], "-o", color=colors[b], label=f"{b} bits, no promotion")
-        ax.plot(KS, [get("limited", b, 128, K) for K in KS], "--s", color=colors[b], label=f"{b} bits, promote every 128")
+        ax.plot(KS, [get("limited", b, 128, K) for K in KS], "--s", color=colors[b],
+                label=f"{b} bits, promote every 128")
     ax.plot(KS, [get("fp32", None, 128, K) for K in KS], ":", color="gray", label="fp32 partial sums")
     ax.plot([PAPER["K"]], [PAPER["max_rel_err"]], "k*", ms=14, label="paper: ~2% at K=4096 (H800)")
     ax.set_xscale("log", base=2)

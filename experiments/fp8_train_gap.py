@@ -125,7 +125,8 @@ def main():
     for s in seeds:
         p = per_seed[s]
         w = p["wall_s"]
-        lines.append(f"| {s} | {p['val_loss_bf16'][-1]:.4f} | {p['val_loss_fp8'][-1]:.4f} | {p['final_val_gap']:+.3%} | "
+        lines.append(f"| {s} | {p['val_loss_bf16'][-1]:.4f} | {p['val_loss_fp8'][-1]:.4f} | "
+                     f"{p['final_val_gap']:+.3%} | "
                      f"{p['mean_abs_train_gap_second_half']:.3%} | {w['bf16'] or float('nan'):.0f} / "
                      f"{w['fp8'] or float('nan'):.0f} |")
     lines.append(f"\nMean final validation gap over {len(seeds)} seed(s): {summary['final_val_gap_mean']:+.3%}"

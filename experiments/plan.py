@@ -279,12 +279,14 @@ def _md(r: Dict[str, Any], command: str, machine: Dict[str, Any]) -> str:
         f"{a['routed_rows_balanced'] / GIB:,.1f} GiB of routed rows (balanced, what a ragged all-to-all moves); "
         f"{a['static_buffers'] / GIB:,.1f} GiB with this project's static buffers "
         f"({a['capacity_rows_per_peer']:,} rows per peer).", "",
-        f"Lowered all-to-all buffer types (per device): {', '.join('`' + s + '`' for s in r['lowered_all_to_all_buffer_types'])}.",
+        "Lowered all-to-all buffer types (per device): "
+        + ", ".join("`" + s + "`" for s in r["lowered_all_to_all_buffer_types"]) + ".",
         "",
         f"Paper-implied MFU: 180K H800 GPU-hours per 1T tokens = {r['paper_implied']['tokens_per_s_per_gpu']:,.0f} "
         f"tokens/s/GPU; x FLOPs/token over the dense peak: main model {m['main_bf16']:.1%} of BF16 "
         f"({m['main_fp8']:.1%} of FP8), with MTP {m['with_mtp_bf16']:.1%} of BF16 ({m['with_mtp_fp8']:.1%} of FP8). "
-        f"At that rate a step of this batch on {r['devices']} devices takes {r['paper_implied']['step_seconds']:.1f} s, "
+        f"At that rate a step of this batch on {r['devices']} devices takes "
+        f"{r['paper_implied']['step_seconds']:.1f} s, "
         f"so the balanced routed all-to-all above needs "
         f"{r['paper_implied']['all_to_all_bytes_per_s_per_device'] / 1e9:,.0f} GB/s per device, overlapped with "
         f"compute (the recompute pass of remat included; V3 §3.2 overlaps it by DualPipe and limits a token to 4 "

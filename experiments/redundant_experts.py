@@ -35,8 +35,8 @@ SHAPES = ((4, 4), (8, 8))  # (devices, redundant copies)
 def analyse(records, shapes=SHAPES):
     rows = []
     for i, rec in enumerate(records):
-        layers = [("main", j, np.asarray(l)) for j, l in enumerate(rec["expert_load"])]
-        layers += [("mtp", j, np.asarray(l)) for j, l in enumerate(rec.get("mtp_expert_load", []))]
+        layers = [("main", j, np.asarray(ld)) for j, ld in enumerate(rec["expert_load"])]
+        layers += [("mtp", j, np.asarray(ld)) for j, ld in enumerate(rec.get("mtp_expert_load", []))]
         nxt = records[i + 1] if i + 1 < len(records) else None
         for kind, j, load in layers:
             for g, r in shapes:
@@ -97,7 +97,8 @@ def main(argv=None):
     machine_rec = {**machine(), "date": utc_now()}
     lines = [
         "# Redundant experts on measured loads", "",
-        f"Command: `{command}`  ", f"Machine: {machine_rec['cpu']} ({machine_rec['cores']} cores), jax {machine_rec['jax']}, "
+        f"Command: `{command}`  ",
+        f"Machine: {machine_rec['cpu']} ({machine_rec['cores']} cores), jax {machine_rec['jax']}, "
         f"{machine_rec['date']}.  ",
         f"Loads: `{args.metrics}` ({len(records)} logged steps, {E} experts per layer, main + MTP MoE layers), "
         f"from run {run}.", "",

@@ -150,7 +150,8 @@ def main(argv):
                       "max_vio_global": val.get("max_vio_global"), "skipped_steps": summary["skipped_steps"],
                       "corpus_fingerprint": summary["corpus_fingerprint"]}, indent=1))
     if summary.get("sample"):
-        print(f"\nsample (temperature 0.8, top-k 40) after {summary['sample']['prompt']!r}:\n{summary['sample']['completion']}")
+        sample = summary["sample"]
+        print(f"\nsample (temperature 0.8, top-k 40) after {sample['prompt']!r}:\n{sample['completion']}")
 
 
 if __name__ == "__main__":

@@ -286,7 +286,8 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
             return "reproduced", ours, f"loss falls with compute as a power law, exponent {-k:.4f}, R² {r2:.3f}."
         if k >= 0:
             return "contradicted", ours, "loss does not fall with compute in these runs."
-        return ("not at this scale", ours, f"loss falls but {'not monotonically' if not monotone else 'the fit is poor'}"
+        shape = "not monotonically" if not monotone else "the fit is poor"
+        return ("not at this scale", ours, f"loss falls but {shape}"
                 f" (R² {r2:.3f}): at these sizes seed noise and the discrete depth and width of each model (1 or 2"
                 f" layers) move the loss as much as a step in compute does.")
     a, b = claim["a"], claim["b"]
@@ -384,9 +385,13 @@ def _plot(mod, rows, out, results_root) -> None:
             if len(vals) > 1:
                 axes[0][j].fill_between(steps, [min(c) for c in zip(*vals)], [max(c) for c in zip(*vals)], alpha=0.2)
     axes[0][0].set_title(f"{mod.EXPERIMENT}: validation loss (mean, min-max over seeds)")
-    axes[0][0].set_xlabel("step"); axes[0][0].set_ylabel("nats/token"); axes[0][0].legend()
+    axes[0][0].set_xlabel("step")
+    axes[0][0].set_ylabel("nats/token")
+    axes[0][0].legend()
     if has_vio:
-        axes[0][1].set_title("MaxVio_global (validation set)"); axes[0][1].set_xlabel("step"); axes[0][1].legend()
+        axes[0][1].set_title("MaxVio_global (validation set)")
+        axes[0][1].set_xlabel("step")
+        axes[0][1].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=90)
     plt.close(fig)
@@ -398,7 +403,9 @@ def _plot(mod, rows, out, results_root) -> None:
             a, k, r2 = fit_power_law(cs, ls)
             xs = sorted(set(cs))
             ax.loglog(xs, [a * c ** k for c in xs], "-", label=f"L = {a:.3g} C^{k:.4f} (R² {r2:.3f})")
-        ax.set_xlabel("compute C = M D (FLOPs)"); ax.set_ylabel("validation loss"); ax.legend()
+        ax.set_xlabel("compute C = M D (FLOPs)")
+        ax.set_ylabel("validation loss")
+        ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out, "fit.png"), dpi=90)
         plt.close(fig)
@@ -503,7 +510,8 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                     "1% of the run (deepseek_jax/train/optimizer.py no longer caps it); their numbers describe "
                     "the warmup they recorded. Rerun them with `--rerun-stale` to measure the configured one.", ""]
         if rows:
-            counts = ", ".join(f"{a}: {sum(r['arm'] == a for r in rows)}" for a in dict.fromkeys(r["arm"] for r in rows))
+            counts = ", ".join(f"{a}: {sum(r['arm'] == a for r in rows)}"
+                               for a in dict.fromkeys(r["arm"] for r in rows))
             sec.append(f"Runs: {len(rows)} ({counts}). Tables: `{mod.EXPERIMENT}/runs.csv`, "
                        f"`{mod.EXPERIMENT}/arms.csv`; plot: `{mod.EXPERIMENT}/curves.png`.")
             for (cpu, cores, py, jaxv, backend), codes in machines.items():

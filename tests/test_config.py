@@ -102,7 +102,7 @@ def test_from_hf_rejects_unsupported():
 
 def _v3_params_by_hand():
     """Independent closed-form parameter count of DeepSeek-V3 from the published shapes."""
-    d, L, H, V = 7168, 61, 128, 129280
+    d, H, V = 7168, 128, 129280
     qr, kr, dn, dr, dv = 1536, 512, 128, 64, 128
     attn = d * qr + qr + qr * H * (dn + dr) + d * (kr + dr) + kr + kr * H * (dn + dv) + H * dv * d
     dense_ffn, expert = 3 * d * 18432, 3 * d * 2048

@@ -98,7 +98,8 @@ def test_gather_dispatch_equals_dense():
     wg, wu = jax.random.normal(ks[3], (2, E, d, F)) * 0.3
     wd = jax.random.normal(ks[4], (E, F, d)) * 0.3
     ref = jax.jit(moe_dispatch.dispatch_dense)(x, idx, w, wg, wu, wd)
-    np.testing.assert_allclose(np.asarray(jax.jit(moe_dispatch.dispatch_gather)(x, idx, w, wg, wu, wd)), np.asarray(ref),
+    got = jax.jit(moe_dispatch.dispatch_gather)(x, idx, w, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref),
                                rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(ref)).max() > 0.1
 

@@ -15,7 +15,8 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 def test_notebooks_exist():
     names = {os.path.basename(p) for p in NOTEBOOKS}
-    assert {"architecture_tour.ipynb", "load_balancing.ipynb", "scaling.ipynb", "fp8_numerics.ipynb", "decoding.ipynb"} <= names
+    assert {"architecture_tour.ipynb", "load_balancing.ipynb", "scaling.ipynb", "fp8_numerics.ipynb",
+            "decoding.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])

@@ -1,5 +1,6 @@
 """experiments/sweep.py: verdict rules and the power-law fit against hand computations, and a toy experiment
-(tiny model, 2 steps, 2 arms x 2 seeds with the seed minimum lowered to 2 to save CI time, in-process) run end to end: logs copied, tables equal to the means and
+(tiny model, 2 steps, 2 arms x 2 seeds with the seed minimum lowered to 2 to save CI time, in-process) run end to
+end: logs copied, tables equal to the means and
 sample stds of the logged validation losses, a second sweep skips everything, a changed config is refused as
 stale, and RESULTS.md shows verdicts only where >= 3 seeds exist ("not run yet" with the command otherwise)."""
 
@@ -35,7 +36,8 @@ def test_verdict_less():
 
 def test_verdict_paired_over_common_seeds():
     # A big shared seed effect (1.0, 2.0, 3.0) hides a consistent a - b = -0.1 (+-0.01) from the unpaired SE
-    rows = [{"arm": "A", "seed": s, "loss": v - 0.1 + e} for s, v, e in ((0, 1.0, 0.01), (1, 2.0, -0.01), (2, 3.0, 0.0))]
+    rows = [{"arm": "A", "seed": s, "loss": v - 0.1 + e}
+            for s, v, e in ((0, 1.0, 0.01), (1, 2.0, -0.01), (2, 3.0, 0.0))]
     rows += [{"arm": "B", "seed": s, "loss": v} for s, v in ((0, 1.0), (1, 2.0), (2, 3.0))]
     claim = {"id": "p", "a": "A", "b": "B", "expect": "less", "metric": "loss"}
     stats = sweep.arm_stats(rows, "loss")

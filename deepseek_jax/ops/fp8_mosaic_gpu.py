@@ -14,7 +14,8 @@ unlike the triton form, which Triton promotes after every MMA). accum="fp32" onl
 Operand layouts for TMA (each copied box: at most 256 elements per dimension, global strides multiples of 16
 bytes, at least 16 bytes along the minor axis): the scales are passed transposed, a_s^T [K/128, M] and
 b_s^T [K/128, N] (one row per K block, a [1, bm] / [1, bn] box per step), so their only stride is M*4 or N*4
-bytes (M, N are padded to the blocks, multiples of 64 and 8); a [M, K/128] scale array with K/128 = 1 has a 4-byte stride
+bytes (M, N are padded to the blocks, multiples of 64 and 8); a [M, K/128] scale array with K/128 = 1 has a
+4-byte stride
 and cannot be copied by TMA. Shared memory: see :func:`smem_bytes` (checked against Hopper's 227 KiB per block).
 """
 

@@ -81,7 +81,8 @@ def shard_train_step(model_cfg, train_cfg, mesh, donate: bool = True, ep_capacit
     The state is sharded by ``state_specs``, the batch by ``batch_spec``, metrics are replicated. The step is
     traced with ``use_mesh(mesh)`` active, so ``constrain`` sees the mesh, and the MoE layers get the
     expert-parallel dispatch (``ops.expert_parallel.dispatch_for``) when the mesh has an "expert" axis > 1,
-    with ``ep_capacity_factor`` its all-to-all buffer size (None = dropless). The batch's per-micro-batch size must be divisible by data * fsdp * expert."""
+    with ``ep_capacity_factor`` its all-to-all buffer size (None = dropless). The batch's per-micro-batch size
+    must be divisible by data * fsdp * expert."""
     sizes = axis_sizes(mesh)
     step = make_train_step(model_cfg, train_cfg, dispatch_for(model_cfg, mesh, ep_capacity_factor))
     state_sh = to_shardings(state_specs(model_cfg, train_cfg, sizes), mesh)

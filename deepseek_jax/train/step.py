@@ -10,7 +10,8 @@ runs forward+backward per micro-batch and sums fp32 gradients. Every micro-batch
 count (and sequence count) of the WHOLE global batch, so n micro-batches of b are the same step as one batch of
 n*b, up to summation order.
 
-Aux-loss-free balancing (V3 §2.1.2; docs/paper_numbers.md "Router and balancing"): after the optimizer step, every MoE layer's bias moves
+Aux-loss-free balancing (V3 §2.1.2; docs/paper_numbers.md "Router and balancing"): after the optimizer step, every
+MoE layer's bias moves
 by b_i += gamma * sign(mean_j load_j - load_i), with load the number of routed tokens per expert over the whole
 global batch (summed over micro-batches), per layer; the MTP modules' MoE layers have their own biases, updated from
 their own loads. The bias lives in the "router" collection, is never seen by the optimizer (no decay, no moments)

@@ -28,10 +28,12 @@ CLAIMS = [
          paper="KV cache 15.6K vs 110.6K elements/token, small models [V2 App. D]; V3: 576 vs 40,960 per layer"),
     dict(id="loss_mla_vs_mha", metric="loss", a="mla", b="mha", expect="less",
          claim="MLA is at least as good as MHA at matched parameters (the paper finds it better)",
-         paper="MLA outperforms MHA at small and large scale [V2 App. D.2] (numbers not transcribed in PAPER.md)"),
+         paper="MLA outperforms MHA at small and large scale [V2 App. D.2] (numbers not transcribed in "
+               "docs/paper_numbers.md)"),
     dict(id="loss_mla_vs_gqa", metric="loss", a="mla_r44", b="gqa2", expect="less",
          claim="MLA beats GQA at matched parameters",
-         paper="GQA and MQA fall below MHA, MLA above it [V2 App. D.1] (numbers not transcribed in PAPER.md)"),
+         paper="GQA and MQA fall below MHA, MLA above it [V2 App. D.1] (numbers not transcribed in "
+               "docs/paper_numbers.md)"),
 ]
 
 

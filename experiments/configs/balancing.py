@@ -31,7 +31,8 @@ ARMS = {
 }
 # Paper scale (``<arm>,scale=paper``, base.paper_base_config: the 15.7B MoE, V3's recipe; for a cluster): the
 # papers' own strengths, gamma 0.001 (V3 §2.1.2) and alpha 0.001 for the aux-loss baselines (LF §4.1; V3 §4.5.2
-# uses "the same as DeepSeek-V2-Lite", which PAPER.md does not give). aux_free_g01 is a CPU-scale sensitivity arm.
+# uses "the same as DeepSeek-V2-Lite", which docs/paper_numbers.md does not give). aux_free_g01 is a CPU-scale
+# sensitivity arm.
 PAPER_ALPHA = 1e-3
 PAPER_ARMS = {
     "aux_free": {"train.balance.alpha": 0.0, "train.balance.bias_update": True},

@@ -28,7 +28,7 @@ CLAIMS = [
          paper="Pile loss 1.808 (DeepSeekMoE 2B) vs 1.867 (GShard 2B) [DeepSeekMoE]"),
     dict(id="loss_shared_vs_none", metric="loss", a="fine_shared", b="fine_noshared", expect="less",
          claim="Isolating a shared expert helps at equal activated parameters",
-         paper="DeepSeekMoE §4.5 ablation (numbers not transcribed in PAPER.md)"),
+         paper="DeepSeekMoE §4.5 ablation (numbers not transcribed in docs/paper_numbers.md)"),
 ]
 
 

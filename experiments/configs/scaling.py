@@ -92,7 +92,7 @@ CLAIMS = [
     dict(id="loss_vs_compute_power_law", metric="loss", expect="power_law",
          claim="Validation loss falls as a power law in compute, L = a C^-b (fitted exponent b)",
          paper="DeepSeek LLM §3 fits eta_opt, B_opt, M_opt, D_opt as power laws of C (1e17-3e20 FLOPs); its "
-               "loss-vs-compute exponent is not transcribed in PAPER.md"),
+               "loss-vs-compute exponent is not transcribed in docs/paper_numbers.md"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Data: built-in and stdlib corpora, user corpora, split, fingerprint, tokenizers, FIM, packing, resume, evaluation batches."""
+"""Data: built-in and stdlib corpora, user corpora, split, fingerprint, tokenizers, FIM, packing, resume,
+evaluation batches."""
 import gzip
 import json
 import os

@@ -8,7 +8,8 @@ from deepseek_jax.train.step import default_train_config
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict({"preset": "tiny", "overrides": {"rope_scaling": None}, "compute_dtype": "auto"})
+    c.model = ml_collections.ConfigDict({"preset": "tiny", "overrides": {"rope_scaling": None},
+                                         "compute_dtype": "auto"})
     c.data = ml_collections.ConfigDict(dict(corpus="default", tokenizer="byte", seq_len=32, batch_size=4,
                                             fim_rate=0.1, val_fraction=0.05, seed=0))
     # The paper's batch-size ramp in miniature: 2 sequences (one micro-batch) until 256 tokens are seen, then 4.
