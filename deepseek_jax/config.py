@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "dense", "gather")  # gather: decode steps (generate.py)
+MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "grouped", "dense", "gather")  # gather: decode steps (generate.py)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("mla", "mha", "gqa")  # mla: DeepSeek's latent attention; mha/gqa: per-head KV (ablation baselines)
@@ -163,8 +163,8 @@ class ModelConfig:
     # --- execution policy (not part of the checkpoint) ---
     dtype: str = "float32"  # compute dtype; params are `param_dtype`; router/softmax/norm/loss are fp32
     param_dtype: str = "float32"
-    moe_dispatch: str = "auto"  # auto | ragged | sorted_tiles | dense
-    moe_tile_size: int = 128  # rows per tile of the `sorted_tiles` dispatch
+    moe_dispatch: str = "auto"  # auto | ragged | sorted_tiles | grouped | dense (ops/moe_dispatch.py)
+    moe_tile_size: int = 128  # rows per tile of the `sorted_tiles` / `grouped` dispatches
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     attn_chunk: int = 0  # MLA's naive attention in query chunks of this many rows, each rematerialised (0: whole)
 
