@@ -146,14 +146,21 @@ def fused_attention(q_bthk, k_bsgk, v_bsgv, q_pos_bt, scale: float, dt, implemen
     """Causal softmax(q k^T * scale) v through ``jax.nn.dot_product_attention`` -> [B, T, H, dv].
 
     q [B, T, H, dk], k [B, S, G, dk], v [B, S, G, dv] (G divides H: query head h reads KV head h // (H / G)).
-    v is zero-padded to dk and the output sliced back to dv; rows whose positions are not increasing along T
+    v is zero-padded to dk and the output sliced back to dv (odd T: one more zero query/key, sliced off); rows
+    whose positions are not increasing along T
     (where causal-by-index is not causal-by-position) are NaN."""
     dk, dv = q_bthk.shape[-1], v_bsgv.shape[-1]
     if dv > dk:
         raise ValueError(f"fused_attention: v head dim {dv} > q/k head dim {dk} (only padding v up is supported)")
-    v_pad = jnp.pad(v_bsgv.astype(dt), [(0, 0)] * 3 + [(0, dk - dv)])
-    o = jax.nn.dot_product_attention(q_bthk.astype(dt), k_bsgk.astype(dt), v_pad, scale=scale, is_causal=True,
-                                     implementation=implementation or CUDNN_IMPLEMENTATION)[..., :dv]
+    T, S = q_bthk.shape[1], k_bsgk.shape[1]
+    # jax's cuDNN backward wants even sequence lengths (the MTP module's T - k is often odd): one zero query and
+    # one zero key are appended; under the causal mask no real query sees the appended key (it comes after them).
+    pad_t = (T % 2, S % 2) if T == S else (0, 0)
+    q = jnp.pad(q_bthk.astype(dt), [(0, 0), (0, pad_t[0]), (0, 0), (0, 0)])
+    k = jnp.pad(k_bsgk.astype(dt), [(0, 0), (0, pad_t[1]), (0, 0), (0, 0)])
+    v_pad = jnp.pad(v_bsgv.astype(dt), [(0, 0), (0, pad_t[1]), (0, 0), (0, dk - dv)])
+    o = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True,
+                                     implementation=implementation or CUDNN_IMPLEMENTATION)[:, :T, :, :dv]
     increasing_b = jnp.all(q_pos_bt[:, 1:] > q_pos_bt[:, :-1], axis=1)
     return jnp.where(increasing_b[:, None, None, None], o, jnp.asarray(jnp.nan, o.dtype))
 
