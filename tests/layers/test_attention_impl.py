@@ -19,15 +19,16 @@ def _qkv(B=2, T=10, H=4, dn=16, dr=8, dv=16, seed=0, dtype=jnp.float32):
             jax.random.normal(ks[4], (B, T, H, dv), dtype))
 
 
-def test_fused_core_equals_naive_core_values_and_grads():
+@pytest.mark.parametrize("T", [10, 7])  # odd T: one zero query/key appended (cuDNN's backward wants even)
+def test_fused_core_equals_naive_core_values_and_grads(T):
     """_mla_fused_core (padding, scale, mask) through implementation="xla" == _naive_core, fp32, with a YaRN
     scale (mscale^2 != 1) and dv < dk."""
     cfg = config.preset("tiny", rope_scaling={"factor": 40.0, "original_max_position_embeddings": 4,
                                               "mscale": 1.0, "mscale_all_dim": 1.0})
     scale = rope.softmax_scale(cfg)
     assert scale != cfg.qk_head_dim ** -0.5
-    args = _qkv()
-    B, T = args[0].shape[:2]
+    args = _qkv(T=T)
+    B = args[0].shape[0]
     pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
     f32 = jnp.float32
 
@@ -123,3 +124,17 @@ def test_cudnn_lowers_to_fused_attention_custom_calls(monkeypatch):
     assert "__cudnn$fmhaSoftmaxBackward" in txt_g
     H = cfg.num_attention_heads
     assert f"tensor<{B}x{H}x{T}x{T}xf32>" not in txt_f + txt_g  # no [B, H, T, S] scores anywhere
+
+
+def test_auto_picks_cudnn_on_a_gpu_where_shapes_allow(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_gpu_compute_capability", lambda: (9, 0))
+    bf16 = config.preset("tiny", dtype="bfloat16")  # qk_head_dim 24
+    assert attention.resolve_attention_impl(bf16, False) == "cudnn"
+    assert attention.resolve_attention_impl(bf16, True) == "xla"  # a cache: einsum core
+    assert attention.resolve_attention_impl(config.preset("tiny"), False) == "xla"  # fp32: cuDNN needs bf16/fp16
+    v3 = config.preset("deepseek-v3-671b", dtype="bfloat16")  # qk_head_dim 192: Hopper or later
+    assert attention.resolve_attention_impl(v3, False) == "cudnn"
+    monkeypatch.setattr(attention, "_gpu_compute_capability", lambda: (8, 0))
+    assert attention.resolve_attention_impl(v3, False) == "xla"
+    assert attention.resolve_attention_impl(bf16, False) == "cudnn"

@@ -166,3 +166,10 @@ def test_grouped_lowers_to_kernel_and_never_dense(platform):
         assert all(E_LOWER not in b for b in dot_batch_sizes(txt)), dot_batch_sizes(txt)
     dense_txt = lower_text(lambda *a: moe_dispatch.dispatch_dense(*a), args, platform)
     assert any(E_LOWER in b for b in dot_batch_sizes(dense_txt))  # the check can fail
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_picks_grouped_on_accelerators(backend, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert moe_dispatch.resolve_dispatch("auto") == "grouped"
+    assert moe_dispatch.resolve_dispatch("ragged") == "ragged"  # still selectable
