@@ -25,7 +25,11 @@ def shard_map(f, *, mesh, in_specs, out_specs, check: bool = True):
 
 def abstract_mesh(axis_sizes, axis_names, **kwargs):
     """``jax.sharding.AbstractMesh``: jax >= 0.5 takes (axis_sizes, axis_names); older releases a tuple of
-    (name, size) pairs."""
+    (name, size) pairs. Axis types default to Auto (jax 0.11 made Explicit the default; this project's steps are
+    written for Auto axes, as a concrete ``Mesh`` has them)."""
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None and "axis_types" not in kwargs:
+        kwargs["axis_types"] = (axis_type.Auto,) * len(tuple(axis_names))
     try:
         return jax.sharding.AbstractMesh(tuple(axis_sizes), tuple(axis_names), **kwargs)
     except TypeError:
@@ -49,6 +53,8 @@ def gpu_lowering_target(device_kind: str = GPU_TARGET_KIND):
     itself; from jax 0.11 the Triton lowering reads the target GPU from the current abstract mesh's
     ``abstract_device`` and fails without one. (A sharded step lowered on an ``AbstractMesh`` carries the device
     in that mesh instead: ``abstract_mesh(..., abstract_device=abstract_gpu_device())``.)"""
+    if tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11):
+        return contextlib.nullcontext()  # the Triton lowering falls back to sm_90 by itself
     dev = abstract_gpu_device(device_kind)
     use = getattr(jax.sharding, "use_abstract_mesh", None)
     if dev is None or use is None:
