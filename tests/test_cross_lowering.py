@@ -15,8 +15,8 @@ compute of a train step without the optimizer and metrics around it:
   loss gradient  with FP8 (``fp8.backend="xla"``, the only FP8 backend in this matrix)
   train step, forward, eval step, decode, speculative decode   dispatch grouped, attention cudnn (cuda) / xla (tpu)
   sharded train step on abstract meshes   data 2 x expert 4; fsdp 2 x expert 2 x tensor 2; data 2 x expert 4 with
-                                          EP capacity factor 1.25; dispatch grouped, attention xla (jax's cuDNN
-                                          attention cannot lower on an AbstractMesh: it needs devices)
+                                          EP capacity factor 1.25; dispatch grouped, attention xla (jax 0.10.2
+                                          lowers no cuDNN attention on an AbstractMesh: it needs devices)
   one V3-width MoE block (d 7168, 128 heads of 192/128, kv_lora 512, q_lora 1536, 256 experts of 2048, top-8),
                 forward + gradient, dispatch grouped, attention cudnn (cuda) / xla (tpu)
 The model is the tiny preset cut to one MoE layer plus its MTP module (an MoE block too).
@@ -210,8 +210,8 @@ MESHES = [("data=2,expert=4", None), ("fsdp=2,expert=2,tensor=2", None), ("data=
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("mesh_spec,cf", MESHES, ids=["data2xexpert4", "fsdp2xexpert2xtensor2", "ep_cf1.25"])
 def test_sharded_train_step(platform, mesh_spec, cf):
-    # attention xla: jax's cuDNN attention is a custom_partitioning primitive, which cannot lower on an AbstractMesh
-    # ("primitives that require devices"); the unsharded programs above cover it.
+    # attention xla: jax's cuDNN attention is a custom_partitioning primitive, which jax 0.10.2 does not lower on an
+    # AbstractMesh ("primitives that require devices"); the unsharded programs above cover it.
     cfg = _cfg(platform, impl="xla")
     tc = default_train_config(total_steps=10)
     shape = sharding.mesh_shape(mesh_spec)
