@@ -17,9 +17,10 @@ from typing import Any, Mapping, Optional
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "dense", "gather")  # gather: decode steps (generate.py)
+MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "grouped", "dense", "gather")  # gather: decode steps (generate.py)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")  # the naive path's attention core (layers/attention.py)
 ATTENTIONS = ("mla", "mha", "gqa")  # mla: DeepSeek's latent attention; mha/gqa: per-head KV (ablation baselines)
 
 
@@ -131,7 +132,7 @@ def _fp8_from(v):
 
 # How this project runs a model, not what the model is: never read from or written to a hub config.json.
 POLICY_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "moe_tile_size", "remat_policy", "attn_chunk", "fp8",
-                 "attention")
+                 "attention", "attention_impl")
 
 
 def _check(ok: bool, field: str, rule: str) -> None:
@@ -190,10 +191,14 @@ class ModelConfig:
     # --- execution policy (not part of the checkpoint) ---
     dtype: str = "float32"  # compute dtype; params are `param_dtype`; router/softmax/norm/loss are fp32
     param_dtype: str = "float32"
-    moe_dispatch: str = "auto"  # auto | ragged | sorted_tiles | dense
-    moe_tile_size: int = 128  # rows per tile of the `sorted_tiles` dispatch
+    moe_dispatch: str = "auto"  # auto | ragged | sorted_tiles | grouped | dense (ops/moe_dispatch.py)
+    moe_tile_size: int = 128  # rows per tile of the `sorted_tiles` / `grouped` dispatches
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     attn_chunk: int = 0  # MLA's naive attention in query chunks of this many rows, each rematerialised (0: whole)
+    # the attention core (layers/attention.py; BUILD.md "Attention kernels"): xla (einsums, [B,H,T,S] scores) |
+    # chunked (xla in attn_chunk-row query chunks) | cudnn (cuDNN fused attention, bf16/fp16) | auto (cudnn on a
+    # GPU where the shapes allow, else chunked if attn_chunk > 0, else xla)
+    attention_impl: str = "auto"
 
     # --- attention ablation (experiments/configs/attention.py); not part of a DeepSeek checkpoint ---
     attention: str = "mla"  # mla (DeepSeek-V2/V3) | mha | gqa  (layers/attention.py: MLA or GQA)
@@ -243,6 +248,21 @@ class ModelConfig:
                f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         _check(isinstance(self.attn_chunk, int) and not isinstance(self.attn_chunk, bool) and self.attn_chunk >= 0,
                "attn_chunk", f"must be an int >= 0 (0: no chunking), got {self.attn_chunk!r}")
+        _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+               f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_impl == "chunked":
+            _check(self.attn_chunk > 0, "attn_chunk",
+                   "attention_impl='chunked' needs attn_chunk > 0 (the query rows per chunk)")
+        elif self.attention_impl in ("xla", "cudnn"):
+            _check(self.attn_chunk == 0, "attn_chunk",
+                   f"is the chunk size of attention_impl='chunked' (or 'auto'); got attn_chunk={self.attn_chunk} "
+                   f"with attention_impl={self.attention_impl!r}")
+        if self.attention_impl == "cudnn":
+            _check(self.dtype in ("bfloat16", "float16"), "attention_impl",
+                   f"'cudnn' (cuDNN fused attention) needs dtype bfloat16 or float16, got dtype={self.dtype!r}")
+            _check(self.qk_head_dim <= 256 and self.qk_head_dim % 8 == 0, "attention_impl",
+                   f"'cudnn' needs qk_nope_head_dim + qk_rope_head_dim <= 256 and a multiple of 8, got "
+                   f"{self.qk_head_dim}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}, got {self.param_dtype!r}")
         _check(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}, got {self.attention!r}")

@@ -41,6 +41,7 @@ sharding of everything (parameters, moments, gradients) instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -118,10 +119,48 @@ def flops_per_token(cfg, seq_len: int = PAPER_SEQ) -> Dict[str, float]:
             "total_params": counts["total"], "mtp_params": counts["mtp"]}
 
 
+@contextlib.contextmanager
+def _cudnn_traceable():
+    """jax's cuDNN attention checks the installed cuDNN version and the GPU's compute capability while it traces.
+    A plan is traced on a host without a GPU, for a Hopper GPU with cuDNN >= 9.10 (what MLA's 192-wide heads
+    need): on such a host, and only for the plan's trace, the two checks answer that. On a GPU host nothing is
+    changed."""
+    if jax.default_backend() == "gpu":
+        yield
+        return
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # the checks live here; no public switch exists
+    saved = fa.check_cudnn_version, fa.check_compute_capability
+    fa.check_cudnn_version, fa.check_compute_capability = (lambda: 91000), (lambda capability: True)
+    try:
+        yield
+    finally:
+        fa.check_cudnn_version, fa.check_compute_capability = saved
+
+
+def cudnn_backward_workspace(cfg, micro_batch: int, seq_len: int) -> int:
+    """Bytes cuDNN's fused-attention backward allocates besides its inputs and outputs, for one attention call (by
+    formula, not lowered: the custom call's workspace is not in the module): the fp32 dQ accumulator
+    [b, T, H, d_qk] and two fp32 per-row softmax statistics [b, H, T] (the forward's log-sum-exp, which jax also
+    keeps as a residual, and the backward's rowsum(dO * O)). Sequence padded to even (layers/attention.py)."""
+    t = seq_len + seq_len % 2
+    H = cfg.num_attention_heads
+    return micro_batch * t * H * cfg.qk_head_dim * 4 + 2 * micro_batch * H * t * 4
+
+
 def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_batch: int, remat: str,
-         ep_capacity_factor=None, attn_chunk: int = 0) -> Dict[str, Any]:
+         ep_capacity_factor=None, attn_chunk: int = 0, attention_impl: str = "xla") -> Dict[str, Any]:
+    if attention_impl not in ("xla", "cudnn"):
+        raise ValueError(f"plan: attention_impl must be 'xla' (einsums, optionally chunked) or 'cudnn', got "
+                         f"{attention_impl!r}")
+    impl = "chunked" if attn_chunk and attention_impl == "xla" else attention_impl
     cfg = config_lib.preset(preset, dtype="bfloat16", param_dtype="float32", moe_dispatch="ragged",
-                            remat_policy=remat, attn_chunk=attn_chunk)
+                            remat_policy=remat, attn_chunk=attn_chunk, attention_impl=impl)
+    with _cudnn_traceable() if impl == "cudnn" else contextlib.nullcontext():
+        return _plan(cfg, preset, mesh_spec, seq_len, micro_batch, global_batch, remat, ep_capacity_factor,
+                     attn_chunk)
+
+
+def _plan(cfg, preset, mesh_spec, seq_len, micro_batch, global_batch, remat, ep_capacity_factor, attn_chunk):
     tc = default_train_config(total_steps=100_000)
     am = sharding.abstract_mesh(mesh_spec)
     sizes = sharding.axis_sizes(am)
@@ -138,7 +177,11 @@ def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_bat
     state_in = jax.tree_util.tree_map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), state, shard)
     tokens = jax.ShapeDtypeStruct((1, micro_batch * n_b, seq_len + 1), jnp.int32,
                                   sharding=NamedSharding(am, sharding.batch_spec(3)))
-    step = make_train_step(cfg, tc, expert_parallel.dispatch_for(cfg, am, ep_capacity_factor))
+    # jax's cuDNN attention is a custom_partitioning primitive, which cannot lower on an AbstractMesh (it needs
+    # devices): the sharded step is lowered with the einsum core (the all-to-all shapes do not depend on it);
+    # the memory of the attention core comes from the residual traces below, which use cfg as given.
+    step_cfg = cfg.replace(attention_impl="xla") if cfg.attention_impl == "cudnn" else cfg
+    step = make_train_step(step_cfg, tc, expert_parallel.dispatch_for(step_cfg, am, ep_capacity_factor))
 
     def traced(s, b):
         with sharding.use_mesh(am):
@@ -215,17 +258,19 @@ def plan(preset: str, mesh_spec: str, seq_len: int, micro_batch: int, global_bat
     # [micro, H, chunk, T] as fp32 masked scores + fp32 exp + bf16 probs + bool mask (by formula, not lowered).
     chunk_ws = (micro_batch * cfg.num_attention_heads * attn_chunk * seq_len * (4 + 4 + 2 + 1)
                 if 0 < attn_chunk < seq_len else 0)
-    total = p_bytes + r_bytes + o_bytes + g_bytes + act_bytes + block_ws + chunk_ws + ep_layer_buffers
+    cudnn_ws = cudnn_backward_workspace(cfg, micro_batch, seq_len) if cfg.attention_impl == "cudnn" else 0
+    total = p_bytes + r_bytes + o_bytes + g_bytes + act_bytes + block_ws + chunk_ws + cudnn_ws + ep_layer_buffers
     return {
         "preset": preset, "mesh": sizes, "devices": n_dev, "seq_len": seq_len, "micro_batch_per_device": micro_batch,
         "global_batch_sequences": global_batch, "micro_batches_per_step": micro_per_step, "remat_policy": remat,
         "compute_dtype": "bfloat16", "param_dtype": "float32", "moe_dispatch_local": "ragged",
-        "ep_capacity_factor": ep_capacity_factor, "attn_chunk": attn_chunk, "lower_seconds": round(t_lower, 1),
+        "ep_capacity_factor": ep_capacity_factor, "attn_chunk": attn_chunk, "attention_impl": cfg.attention_impl,
+        "lower_seconds": round(t_lower, 1),
         "lowered_all_to_all_buffer_types": a2a_shapes,
         "bytes_per_device": {
             "parameters": p_bytes, "router_bias": r_bytes, "optimizer_state": o_bytes, "gradients": g_bytes,
             "activations_saved_per_micro_batch": act_bytes, "one_block_backward_working_set": block_ws,
-            "attention_chunk_recompute": chunk_ws,
+            "attention_chunk_recompute": chunk_ws, "cudnn_attention_backward_workspace": cudnn_ws,
             "ep_all_to_all_buffers_one_layer": ep_layer_buffers, "total": total},
         "largest_saved_activations": act_top, "largest_block_residuals": block_top,
         "flops_per_token": fl,
@@ -249,12 +294,15 @@ def _md(r: Dict[str, Any], command: str, machine: Dict[str, Any]) -> str:
         "", f"Command: `{command}`", "",
         f"Machine that lowered it: {machine['cpu']} ({machine['cores']} cores), jax {machine['jax']}, "
         f"{machine['date']}; code {machine['code_version']}. Lowered for cuda on an AbstractMesh in "
-        f"{r['lower_seconds']} s, nothing allocated.", "",
+        f"{r['lower_seconds']} s, nothing allocated"
+        + (" (with the einsum attention core: jax's cuDNN attention cannot lower on an AbstractMesh; the memory rows "
+           "below trace the cuDNN core)" if r.get("attention_impl") == "cudnn" else "") + ".", "",
         f"Batch: {r['global_batch_sequences']} sequences x {r['seq_len']} tokens per step, micro-batch "
         f"{r['micro_batch_per_device']} sequence(s) per device, {r['micro_batches_per_step']:g} micro-batches per "
         f"step; remat `{r['remat_policy']}`, bf16 compute, fp32 master weights and Adam moments, local expert "
         f"dispatch `ragged`, EP capacity factor {r['ep_capacity_factor']} (None = dropless static buffer), attention "
-        f"query chunk {r['attn_chunk'] or 'none (the whole sequence)'}.", "",
+        f"query chunk {r['attn_chunk'] or 'none (the whole sequence)'}, attention core "
+        f"`{r.get('attention_impl', 'xla')}`.", "",
         "| per device | bytes |", "|---|---|",
         f"| parameters (fp32) | {g(b['parameters'])} |",
         f"| router bias | {b['router_bias']:,} B |",
@@ -265,6 +313,9 @@ def _md(r: Dict[str, Any], command: str, machine: Dict[str, Any]) -> str:
         f"| one block's backward working set (no remat inside the block) | {g(b['one_block_backward_working_set'])} |",
         *([f"| one attention chunk's recomputed scores ({r['attn_chunk']} query rows; by formula) | "
            f"{g(b['attention_chunk_recompute'])} |"] if b.get("attention_chunk_recompute") else []),
+        *([f"| cuDNN fused-attention backward workspace, one call (fp32 dQ accumulator + 2 softmax row statistics; "
+           f"by formula) | {g(b['cudnn_attention_backward_workspace'])} |"]
+          if b.get("cudnn_attention_backward_workspace") else []),
         f"| EP all-to-all buffers, one MoE layer (send+recv, dispatch+combine) | "
         f"{g(b['ep_all_to_all_buffers_one_layer'])} |",
         f"| **total** | **{g(b['total'])}** |", "",
@@ -307,10 +358,13 @@ def main(argv=None):
     ap.add_argument("--ep_capacity_factor", type=float, default=None)
     ap.add_argument("--attn_chunk", type=int, default=0, help="ModelConfig.attn_chunk: query rows per attention "
                     "chunk (0: the whole sequence at once)")
+    ap.add_argument("--attention_impl", default="xla", choices=["xla", "cudnn"],
+                    help="ModelConfig.attention_impl: xla (einsums, [B,H,T,S] scores; chunked with --attn_chunk) or "
+                    "cudnn (fused attention: no scores kept)")
     ap.add_argument("--write", action="store_true", help="write experiments/results/plan_<config>_<N>.{json,md}")
     args = ap.parse_args(argv)
     r = plan(args.config, args.mesh, args.seq_len, args.micro_batch, args.global_batch, args.remat,
-             args.ep_capacity_factor, args.attn_chunk)
+             args.ep_capacity_factor, args.attn_chunk, args.attention_impl)
     code = git_rev(dirty=False)
     machine_rec = {**machine(), "date": utc_now(), "code_version": code}
     command = "python -m experiments.plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None
@@ -321,6 +375,7 @@ def main(argv=None):
     if args.write:
         suffix = "" if args.ep_capacity_factor is None else f"_cf{args.ep_capacity_factor:g}"
         suffix += f"_chunk{args.attn_chunk}" if args.attn_chunk else ""
+        suffix += "_cudnn" if args.attention_impl == "cudnn" else ""
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            f"plan_{args.config}_{r['devices']}{suffix}")
         write_result_files(out, r, md)

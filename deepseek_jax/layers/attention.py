@@ -12,6 +12,20 @@ Two computations of the same function:
 
 Scores and softmax are fp32 whatever the compute dtype; the attention core is never FP8 (V3 §3.3).
 
+The naive path's attention core (``cfg.attention_impl``; BUILD.md "Attention kernels"):
+  xla      softmax(q k^T * scale) v as einsums, [B, H, T, S] fp32 scores materialised;
+  chunked  the same in query chunks of ``cfg.attn_chunk`` rows, each rematerialised (``_naive_core``);
+  cudnn    ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused (flash) attention: no scores in
+           memory. The public call wants v as wide as q/k, so v [.., dv] is zero-padded to qk_head_dim and the output
+           sliced back (zero columns of v give zero output columns; cuDNN >= 9.10 on Hopper also takes dv < dk
+           natively, which the public call does not expose); ``scale=`` is the YaRN-corrected softmax scale. The
+           mask is causal by index (query t sees keys 0..t), which is the position mask when positions increase
+           along T (the model's default 0..T-1); rows whose positions do not increase come out NaN, never
+           silently wrong. Only without a cache (training, eval, the MTP modules); a cache uses xla / chunked;
+  auto     cudnn on a GPU when the shapes allow it (bf16/fp16, qk_head_dim <= 256 and a multiple of 8; > 128 needs
+           Hopper), else chunked when attn_chunk > 0, else xla.
+The absorbed (decode) path keeps its own einsums: its head width kv_lora_rank + qk_rope = 576 is beyond cuDNN's 256.
+
 ``GQA`` is the ablation baseline (``cfg.attention`` = "mha" | "gqa"; V2 App. D compares MLA with MHA): ordinary
 per-head keys and values, ``cfg.kv_heads`` of them shared by groups of query heads (query head h reads KV head
 h // (H / kv_heads), the layout of transformers' ``repeat_kv``). It keeps everything else of MLA so that only the
@@ -91,6 +105,75 @@ def _naive_core(q_nope, q_rope, k_nope, k_rope, v, q_pos_bt, k_pos_bs, scale, dt
     return o.swapaxes(0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :T]
 
 
+# jax.nn.dot_product_attention's implementation for attention_impl="cudnn" (tests swap in "xla": the same call,
+# the same padding and scale, XLA's math).
+CUDNN_IMPLEMENTATION = "cudnn"
+CUDNN_MAX_HEAD_DIM = 256  # cuDNN flash attention: head dim <= 256 on Hopper and later, <= 128 before
+
+
+def _gpu_compute_capability() -> Optional[Tuple[int, ...]]:
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    try:
+        return tuple(int(c) for c in str(cc).split("."))
+    except ValueError:
+        return None
+
+
+def resolve_attention_impl(cfg: ModelConfig, has_cache: bool) -> str:
+    """The attention core a naive-path call runs: "xla" | "chunked" | "cudnn" (module docstring)."""
+    chunked_or_xla = "chunked" if cfg.attn_chunk > 0 else "xla"
+    impl = cfg.attention_impl
+    if impl == "cudnn":
+        return chunked_or_xla if has_cache else "cudnn"
+    if impl != "auto":
+        return impl
+    if has_cache or jax.default_backend() != "gpu" or not cudnn_shapes_ok(cfg):
+        return chunked_or_xla
+    cc = _gpu_compute_capability()
+    if cfg.qk_head_dim > 128 and (cc is None or cc < (9, 0)):
+        return chunked_or_xla
+    return "cudnn"
+
+
+def cudnn_shapes_ok(cfg: ModelConfig) -> bool:
+    """cuDNN's fused attention takes these shapes (v is padded to the q/k width, so only qk_head_dim counts)."""
+    return (cfg.dtype in ("bfloat16", "float16") and cfg.qk_head_dim <= CUDNN_MAX_HEAD_DIM
+            and cfg.qk_head_dim % 8 == 0)
+
+
+def fused_attention(q_bthk, k_bsgk, v_bsgv, q_pos_bt, scale: float, dt, implementation: str = None):
+    """Causal softmax(q k^T * scale) v through ``jax.nn.dot_product_attention`` -> [B, T, H, dv].
+
+    q [B, T, H, dk], k [B, S, G, dk], v [B, S, G, dv] (G divides H: query head h reads KV head h // (H / G)).
+    v is zero-padded to dk and the output sliced back to dv (odd T: one more zero query/key, sliced off); rows
+    whose positions are not increasing along T
+    (where causal-by-index is not causal-by-position) are NaN."""
+    dk, dv = q_bthk.shape[-1], v_bsgv.shape[-1]
+    if dv > dk:
+        raise ValueError(f"fused_attention: v head dim {dv} > q/k head dim {dk} (only padding v up is supported)")
+    T, S = q_bthk.shape[1], k_bsgk.shape[1]
+    # jax's cuDNN backward wants even sequence lengths (the MTP module's T - k is often odd): one zero query and
+    # one zero key are appended; under the causal mask no real query sees the appended key (it comes after them).
+    pad_t = (T % 2, S % 2) if T == S else (0, 0)
+    q = jnp.pad(q_bthk.astype(dt), [(0, 0), (0, pad_t[0]), (0, 0), (0, 0)])
+    k = jnp.pad(k_bsgk.astype(dt), [(0, 0), (0, pad_t[1]), (0, 0), (0, 0)])
+    v_pad = jnp.pad(v_bsgv.astype(dt), [(0, 0), (0, pad_t[1]), (0, 0), (0, dk - dv)])
+    o = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True,
+                                     implementation=implementation or CUDNN_IMPLEMENTATION)[:, :T, :, :dv]
+    increasing_b = jnp.all(q_pos_bt[:, 1:] > q_pos_bt[:, :-1], axis=1)
+    return jnp.where(increasing_b[:, None, None, None], o, jnp.asarray(jnp.nan, o.dtype))
+
+
+def _mla_fused_core(q_nope, q_rope, k_nope, k_rope, v, q_pos_bt, scale, dt, implementation: str = None):
+    """MLA through ``fused_attention``: q = [q_nope, q_rope], k = [k_nope, k_rope broadcast over heads]."""
+    H = q_nope.shape[2]
+    k_rope_bshd = jnp.broadcast_to(k_rope[:, :, None, :].astype(dt), k_rope.shape[:2] + (H, k_rope.shape[-1]))
+    q = jnp.concatenate([q_nope.astype(dt), q_rope.astype(dt)], -1)
+    k = jnp.concatenate([k_nope.astype(dt), k_rope_bshd], -1)
+    return fused_attention(q, k, v, q_pos_bt, scale, dt, implementation)
+
+
 class MLA(nn.Module):
     cfg: ModelConfig
     dot_general: Optional[object] = None  # precision policy for the projections (FP8 hook)
@@ -151,7 +234,12 @@ class MLA(nn.Module):
         else:
             kv = linear(keys_c, w_kvb, cfg.dtype, self.dot_general).reshape(B, keys_c.shape[1], H, dn + dv)
             k_nope, v = kv[..., :dn], kv[..., dn:]
-            o = _naive_core(q_nope, q_rope, k_nope, keys_r, v, positions_bt, k_pos, scale, dt, cfg.attn_chunk)
+            impl = resolve_attention_impl(cfg, cache is not None)
+            if impl == "cudnn":
+                o = _mla_fused_core(q_nope, q_rope, k_nope, keys_r, v, positions_bt, scale, dt)
+            else:
+                o = _naive_core(q_nope, q_rope, k_nope, keys_r, v, positions_bt, k_pos, scale, dt,
+                                cfg.attn_chunk if impl == "chunked" else 0)
         out = dense(cfg.hidden_size, ("o_heads", "embed"), "o_proj")(o.reshape(B, T, H * dv))
         return out, new_cache
 
@@ -201,6 +289,10 @@ class GQA(nn.Module):
             keys, values, k_pos = k_btgk, v_btgv, positions_bt
         S = keys.shape[1]
         dt = dtype_of(cfg.dtype)
+        if resolve_attention_impl(cfg, cache is not None) == "cudnn":
+            o_bthv = fused_attention(q_bthk, keys, values, positions_bt, softmax_scale(cfg), dt)
+            out = dense(cfg.hidden_size, ("o_heads", "embed"), "o_proj")(o_bthv.reshape(B, T, H * dv))
+            return out, new_cache
         # Query head h = g * (H / G) + j reads KV head g.
         q_btgjk = q_bthk.reshape(B, T, G, H // G, dk)
         scores = jnp.einsum("btgjk,bsgk->bgjts", q_btgjk, keys, preferred_element_type=jnp.float32)

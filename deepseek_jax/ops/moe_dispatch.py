@@ -9,7 +9,11 @@ Dispatch (all dropless, all the same function; tests hold each equal to ``dense`
                 place (custom VJP: the backward is the same loop). On CPU, ragged_dot lowers to a masked dense
                 computation; this path does only the routed FLOPs plus < 1 tile of padding per expert
                 (speed against an equal-FLOP matmul: benchmarks/results/moe_dispatch_cpu.md). Reverse-mode only.
-  auto          sorted_tiles on CPU, ragged elsewhere.
+  grouped       sorted and padded like sorted_tiles, then grouped GEMMs over the row tiles with a tile -> expert
+                map (ops/grouped_gemm.py: Pallas Triton on GPU, megablox on TPU); custom VJP: the backward
+                GEMMs are grouped too. On XLA:GPU ragged_dot can be rewritten into a dense dot (E times the
+                FLOPs), which this path cannot.
+  auto          sorted_tiles on CPU, grouped on GPU and TPU.
   gather        each routed row's expert weights gathered per row ([N*K, d, F]) and one batched matmul: reads
                 N*K expert weights, no sort and no loop. For decode steps, where N*K is a handful of rows
                 (generate.py picks it for N*K <= 8 on CPU).
@@ -18,11 +22,12 @@ Dispatch (all dropless, all the same function; tests hold each equal to ``dense`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.ops import fp8_grouped
+from deepseek_jax.ops import fp8_grouped, grouped_gemm
 
 
 # Expert FFNs: SwiGLU, down(silu(x W_gate) * (x W_up)), stacked over experts: W_gate/W_up [E, d, F], W_down [E, F, d]
@@ -241,6 +246,24 @@ def dispatch_fp8_grouped(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int, linear_fn):
     return jnp.einsum("nkd,nk->nd", y_pd[dest_nk].astype(jnp.float32), w_nk)
 
 
+def dispatch_grouped(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int, backend: str = "auto"):
+    """Rows grouped by expert and padded per expert to whole tiles (as sorted_tiles), then the three expert GEMMs
+    as grouped GEMMs over the row tiles (ops/grouped_gemm.py: a Pallas Triton kernel on GPU, megablox on TPU,
+    chosen per lowering platform; interpret mode on CPU). Each tile multiplies only its own expert's weights, in
+    the forward and both backward GEMMs, so nothing is computed densely over the experts. Returns fp32 [N, d]."""
+    E, K = wg.shape[0], idx_nk.shape[1]
+    d = x_nd.shape[1]
+    src, dest_nk, tile_e, _ = _tile_layout(idx_nk, E, tile)
+    tiles_e = -(-jnp.bincount(idx_nk.reshape(-1), length=E).astype(jnp.int32) // tile)
+    tile_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(tiles_e, dtype=jnp.int32)])
+    x_pd = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])[src // K]  # padding slots read zero row N
+    gmm = functools.partial(grouped_gemm.grouped_matmul, tile_e=tile_e, tile_start=tile_start, tile=tile,
+                            backend=backend)
+    h_pf = swiglu(gmm(x_pd, wg), gmm(x_pd, wu))
+    y_pd = gmm(h_pf.astype(x_nd.dtype), wd)
+    return jnp.einsum("nkd,nk->nd", y_pd[dest_nk].astype(jnp.float32), w_nk)
+
+
 def dispatch_gather(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int = 0):
     """Every routed row (n, k) times its expert's weights gathered for that row (decode-sized N*K only: it reads
     N*K copies of an expert's weights)."""
@@ -256,13 +279,15 @@ DISPATCHES = {
     "ragged": dispatch_ragged,
     "sorted_tiles": dispatch_sorted_tiles,
     "gather": dispatch_gather,
+    "grouped": dispatch_grouped,
 }
 
 
 def resolve_dispatch(name: str) -> str:
-    """"auto" -> the platform's choice (sorted_tiles on CPU, ragged elsewhere); other names pass through."""
+    """"auto" -> the platform's choice (sorted_tiles on CPU, the grouped GEMM on GPU and TPU); other names pass
+    through."""
     if name == "auto":
-        return "sorted_tiles" if jax.default_backend() == "cpu" else "ragged"
+        return "sorted_tiles" if jax.default_backend() == "cpu" else "grouped"
     return name
 
 
