@@ -90,7 +90,8 @@ def _gmm_kernel(tile_e_ref, n_used_ref, x_ref, w_ref, o_ref, *, tile, bk, bn, nk
 
 
 def _tgmm_kernel(tile_start_ref, x_ref, dy_ref, o_ref, *, tile, bk, bn):
-    """Program (e, i, j): dW_e[i*bk:, j*bn:] = sum over expert e's tiles t of x[tile t, block i]^T dy[tile t, block j]."""
+    """Program (e, i, j): dW_e[i*bk:, j*bn:] = sum over expert e's tiles t of
+    x[tile t, block i]^T dy[tile t, block j]."""
     e, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k0 = pl.multiple_of(i * bk, bk)
     c0 = pl.multiple_of(j * bn, bn)
