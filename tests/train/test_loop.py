@@ -14,6 +14,7 @@ import pytest
 
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
 from deepseek_jax.data import get_tokenizer
+from deepseek_jax.metrics import read_jsonl
 from deepseek_jax.train import loop as loop_lib
 from deepseek_jax.train import run_config
 
@@ -98,7 +99,7 @@ def test_kill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_pa
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # the metrics log has each step exactly once despite the rewinds
-    steps = [r["step"] for r in loop_lib.read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
+    steps = [r["step"] for r in read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
     assert steps == list(range(1, 11))
 
 
@@ -106,7 +107,7 @@ def test_batch_ramp_sizes_follow_the_paper_rule(uninterrupted):
     # loop_config ramps 2 -> 4 sequences (micro-batch 2) over 256 tokens of seq_len 32: tokens seen before steps
     # 1..5 are 0, 64, 128, 192, 256 -> 2 + 2 * min(1, t/256) rounded down to a multiple of 2 = 2, 2, 2, 2, 4.
     ref_dir, _ = uninterrupted
-    sizes = [r["batch_size"] for r in loop_lib.read_jsonl(os.path.join(str(ref_dir), "metrics.jsonl"))]
+    sizes = [r["batch_size"] for r in read_jsonl(os.path.join(str(ref_dir), "metrics.jsonl"))]
     assert sizes == [2, 2, 2, 2] + [4] * 6
 
 
@@ -209,7 +210,7 @@ def test_corrupt_newest_checkpoint_of_a_moved_run_resumes_from_the_previous_one(
     assert da == db
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    steps = [r["step"] for r in loop_lib.read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
+    steps = [r["step"] for r in read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
     assert steps == list(range(1, 11))
     assert loop_lib.run(_cfg(out))["step"] == 10  # the rerun of the rerun
 
@@ -280,7 +281,7 @@ def test_truncate_jsonl_drops_a_torn_final_line_only(tmp_path):
     with open(p, "w") as f:
         f.write('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     loop_lib.truncate_jsonl(p, 5)
-    assert [r["step"] for r in loop_lib.read_jsonl(p)] == [1, 2]
+    assert [r["step"] for r in read_jsonl(p)] == [1, 2]
     with open(p, "w") as f:
         f.write('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not a metrics record"):
@@ -306,7 +307,7 @@ def test_skipped_steps_over_the_limit_fail_loudly_and_step0_validation_is_not_du
     assert e.value.summary["skipped_fraction_exceeded"] and "WARNING" in capfd.readouterr().err
     with open(out / "summary.json") as f:
         assert json.load(f)["skipped_steps"] == 4
-    assert [r["step"] for r in loop_lib.read_jsonl(str(out / "validation.jsonl"))] == [0, 4]
+    assert [r["step"] for r in read_jsonl(str(out / "validation.jsonl"))] == [0, 4]
 
 
 def _cli(out_dir, *extra, timeout=180):
