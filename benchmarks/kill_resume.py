@@ -104,11 +104,15 @@ def _final_state(out_dir):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}, data
 
 
-def _compare(ref_dir, out_dir) -> dict:
-    (ref, ref_data), (got, got_data) = _final_state(ref_dir), _final_state(out_dir)
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _compare(ref_dir, ref_state, out_dir) -> dict:
+    (ref, ref_data), (got, got_data) = ref_state, _final_state(out_dir)
     state_equal = ref.keys() == got.keys() and all(
         ref[k].dtype == got[k].dtype and ref[k].shape == got[k].shape and
-        np.array_equal(ref[k].view(np.uint8), got[k].view(np.uint8)) for k in ref)
+        np.array_equal(_bits(ref[k]), _bits(got[k])) for k in ref)
     val_equal = _records(os.path.join(ref_dir, "validation.jsonl")) == _records(os.path.join(out_dir,
                                                                                              "validation.jsonl"))
     strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]
@@ -133,6 +137,7 @@ def main(argv=None) -> int:
         env = _env(os.path.join(tmp, "jax_cache"))
         ref = os.path.join(tmp, "uninterrupted")
         _run(ref, env)
+        ref_state = _final_state(ref)
         trials = []
         for i in range(args.trials):
             out = os.path.join(tmp, f"trial{i}")
@@ -142,7 +147,7 @@ def main(argv=None) -> int:
                 if os.path.isdir(os.path.join(out, "checkpoints")) else []
             _run(out, env)
             res = {"trial": i, "kill_after_step": step, "kill_delay_s": round(frac * STEP_DELAY_S, 3),
-                   "logged_at_kill": killed_after, "checkpoints_at_kill": ckpts, **_compare(ref, out)}
+                   "logged_at_kill": killed_after, "checkpoints_at_kill": ckpts, **_compare(ref, ref_state, out)}
             res["ok"] = all(res[k] for k in ("state_equal", "data_state_equal", "validation_equal",
                                              "metrics_equal"))
             trials.append(res)
