@@ -221,7 +221,7 @@ def test_corrupt_newest_checkpoint_of_a_moved_run_resumes_from_the_previous_one(
     ("loop.log_every", 0, r"loop.log_every must be an int >= 1, got 0"),
     ("train.balance.gamma", float("inf"), r"train config balance.gamma: must be a finite number, got inf"),
     ("data.val_fraction", 1.0, r"data.val_fraction must be a number in \[0.0, 1.0\)"),
-    ("model.overrides", {"num_hidden_layers": "2"}, r"ModelConfig.num_hidden_layers: must be a positive int, got 0"),
+    ("model.overrides", {"num_hidden_layers": "2"}, r"ModelConfig.num_hidden_layers: must be a positive int, got .2."),
     ("model.overrides", {"hidden_sise": 64}, r"unknown field\(s\) \['hidden_sise'\]"),
 ])
 def test_config_errors_name_the_field_and_write_nothing(tmp_path, field, value, match):
