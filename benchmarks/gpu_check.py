@@ -35,7 +35,8 @@ import numpy as np
 from deepseek_jax import config as config_lib
 from deepseek_jax import generate
 from deepseek_jax import model as model_lib
-from deepseek_jax.metrics import git_rev, time_calls, write_result_files
+from benchmarks.common import time_calls
+from deepseek_jax.provenance import git_rev, write_result_files
 from deepseek_jax.train.step import default_train_config, init_train_state, make_train_step
 
 PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "H800": 989.5e12, "A100": 312e12, "GH200": 989.5e12}
