@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
-    from deepseek_jax.metrics import bench_machine, git_rev, loadavg, machine_lines, write_result_files
+    from deepseek_jax.provenance import git_rev, loadavg, machine as bench_machine, machine_lines, write_result_files
 
     rng = random.Random(args.seed)
     load_before = loadavg()
