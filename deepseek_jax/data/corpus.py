@@ -7,7 +7,7 @@ that records (corpus spec, fingerprint, seed) can be reproduced and a resumed ru
 Built-in corpus (`builtin_corpus()`, spec "default"): a pinned snapshot
 ---------------------------------------------------------------------
 Needs no download and is the same on every interpreter and machine: the documents are stored in the package,
-`deepseek_jax/data/builtin_corpus_v1.jsonl.gz` (gzip of one JSON object `{"name", "text"}` per line, 2.6 MB;
+`deepseek_jax/data/builtin_corpus_v1.jsonl.xz` (xz of one JSON object `{"name", "text"}` per line, 1.9 MB;
 10.6 MB of text), and `builtin_corpus()` checks their fingerprint against `BUILTIN_FINGERPRINT` on every load: a
 corrupt, truncated or edited file raises `ValueError` naming the file. Version v1 is the standard-library corpus
 below built from the sources of CPython 3.11.7 (745 documents: 666 code files, 10.1 MB, then 79 prose documents,
@@ -76,13 +76,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import glob as _glob
-import gzip
+import lzma
 import hashlib
 import json
 import os
 import sys
 import sysconfig
-import zlib
 from typing import Iterable, Sequence
 
 __all__ = [
@@ -116,7 +115,7 @@ class Document:
 # ---------------------------------------------------------------------------- the built-in (pinned) corpus
 
 BUILTIN_VERSION = "v1"
-BUILTIN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_corpus_v1.jsonl.gz")
+BUILTIN_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_corpus_v1.jsonl.xz")
 BUILTIN_SOURCE = "CPython 3.11.7 standard library (Lib/), stdlib-corpus rules of deepseek_jax/data/corpus.py"
 BUILTIN_FINGERPRINT = "0b20cf651a0c1ff701155f8ab652200e3ed2bc4c3106abdcf36284a6ede2d5f0"
 BUILTIN_NUM_DOCS = 745
@@ -124,24 +123,24 @@ BUILTIN_NUM_BYTES = 10_591_105
 
 
 def write_snapshot(docs: Sequence[Document], path: str) -> None:
-    """Write documents as gzip'd JSONL, one {"name", "text"} object per line, with a fixed gzip header (no
-    file name, mtime 0), so the file depends only on the documents (and the zlib build)."""
+    """Write documents as xz-compressed JSONL, one {"name", "text"} object per line (xz stores no name or mtime,
+    so the file depends only on the documents and the liblzma build)."""
     lines = b"".join(json.dumps({"name": d.name, "text": d.text}, ensure_ascii=False, sort_keys=True)
                      .encode("utf-8") + b"\n" for d in docs)
     with open(path, "wb") as fh:
-        fh.write(gzip.compress(lines, compresslevel=9, mtime=0))
+        fh.write(lzma.compress(lines, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=9 | lzma.PRESET_EXTREME))
 
 
 def read_snapshot(path: str) -> list[Document]:
     """The documents of a file written by `write_snapshot`; ValueError naming the file if it is missing or
-    unreadable (bad gzip data or CRC, truncated, not UTF-8 JSON lines, a line without string name/text)."""
+    unreadable (bad xz data or CRC, truncated, not UTF-8 JSON lines, a line without string name/text)."""
     if not os.path.isfile(path):
         raise ValueError(f"corpus snapshot {path} does not exist (a deepseek_jax install without its package data?)")
     try:
         with open(path, "rb") as fh:
-            raw = gzip.decompress(fh.read())
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"corpus snapshot {path} is corrupt: not a valid gzip file ({e})") from e
+            raw = lzma.decompress(fh.read(), format=lzma.FORMAT_XZ)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise ValueError(f"corpus snapshot {path} is corrupt: not a valid xz file ({e})") from e
     lines = raw.split(b"\n")
     if lines[-1] == b"":  # the final newline
         lines.pop()

@@ -1,4 +1,4 @@
-"""Build the built-in corpus snapshot (deepseek_jax/data/builtin_corpus_v1.jsonl.gz) and its license file.
+"""Build the built-in corpus snapshot (deepseek_jax/data/builtin_corpus_v1.jsonl.xz) and its license file.
 
 How v1 was made (once, 2026-12-03; anyone can repeat it and must get the same fingerprint):
 

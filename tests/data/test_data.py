@@ -1,6 +1,6 @@
 """Data: built-in and stdlib corpora, user corpora, split, fingerprint, tokenizers, FIM, packing, resume,
 evaluation batches."""
-import gzip
+import lzma
 import json
 import os
 
@@ -65,44 +65,44 @@ def test_builtin_corpus_is_the_stdlib_corpus_of_cpython_3_11_7(builtin):
     assert C.stdlib_corpus(root=CPYTHON_3_11_7_LIB) == builtin
 
 
-def _rewrite_gz(src, dst, edit):
-    raw = bytearray(gzip.decompress(open(src, "rb").read()))
+def _rewrite_xz(src, dst, edit):
+    raw = bytearray(lzma.decompress(open(src, "rb").read()))
     edit(raw)
     with open(dst, "wb") as fh:
-        fh.write(gzip.compress(bytes(raw), mtime=0))
+        fh.write(lzma.compress(bytes(raw), format=lzma.FORMAT_XZ))
 
 
 def test_corrupt_snapshot_raises_naming_the_file(tmp_path):
     src = C.BUILTIN_FILE
     blob = open(src, "rb").read()
-    flipped = tmp_path / "flipped.jsonl.gz"  # one byte of the compressed stream: bad data or CRC
+    flipped = tmp_path / "flipped.jsonl.xz"  # one byte of the compressed stream: bad data or CRC
     b = bytearray(blob)
     b[len(b) // 2] ^= 0x55
     flipped.write_bytes(bytes(b))
     with pytest.raises(ValueError, match=f"{flipped}.*corrupt"):
         C.builtin_corpus(path=str(flipped))
-    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated = tmp_path / "truncated.jsonl.xz"
     truncated.write_bytes(blob[:len(blob) // 3])
     with pytest.raises(ValueError, match=f"{truncated}.*corrupt"):
         C.builtin_corpus(path=str(truncated))
-    # Valid gzip and JSON, one character of one document changed: only the fingerprint can tell.
-    edited = tmp_path / "edited.jsonl.gz"
-    _rewrite_gz(src, edited, lambda raw: raw.__setitem__(raw.index(b"def makedirs("), ord("D")))
+    # Valid xz and JSON, one character of one document changed: only the fingerprint can tell.
+    edited = tmp_path / "edited.jsonl.xz"
+    _rewrite_xz(src, edited, lambda raw: raw.__setitem__(raw.index(b"def makedirs("), ord("D")))
     assert len(C.read_snapshot(str(edited))) == 745
     with pytest.raises(ValueError, match=f"{edited}: fingerprint .* != the pinned 0b20cf651a0c1ff7"):
         C.builtin_corpus(path=str(edited))
     # A line that is not a document.
-    badline = tmp_path / "badline.jsonl.gz"
-    _rewrite_gz(src, badline, lambda raw: raw.__setitem__(slice(0, 1), b"["))
+    badline = tmp_path / "badline.jsonl.xz"
+    _rewrite_xz(src, badline, lambda raw: raw.__setitem__(slice(0, 1), b"["))
     with pytest.raises(ValueError, match=f"{badline}.*line 1"):
         C.builtin_corpus(path=str(badline))
     with pytest.raises(ValueError, match="does not exist"):
-        C.builtin_corpus(path=str(tmp_path / "missing.jsonl.gz"))
+        C.builtin_corpus(path=str(tmp_path / "missing.jsonl.xz"))
 
 
 def test_snapshot_round_trip(tmp_path):
     docs = _docs(30, seed=3) + [Document("quote\"and\nnewline", "line\n\u2028sep\r\n\x00end")]
-    p = tmp_path / "s.jsonl.gz"
+    p = tmp_path / "s.jsonl.xz"
     C.write_snapshot(docs, str(p))
     assert C.read_snapshot(str(p)) == docs
     first = p.read_bytes()
