@@ -42,6 +42,17 @@ def _restore(out_dir, step, like):
     return state, data
 
 
+def _assert_same_final_state(ref_dir, out):
+    """The step-10 checkpoints of the two runs hold bitwise-equal states and data-iterator states."""
+    like = loop_lib.init_train_state(run_config.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
+                                     jax.random.PRNGKey(0), seq_len=32)
+    a, da = _restore(ref_dir, 10, like)
+    b, db = _restore(out, 10, like)
+    assert da == db
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def _launch(out_dir, delay):
     cmd = [sys.executable, "-m", "experiments.run", f"--config={CONFIG_FILE}", f"--config.loop.out_dir={out_dir}",
            f"--config.loop.step_delay_s={delay}"]
@@ -91,13 +102,7 @@ def test_kill_and_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_pa
     # 3) rerun to completion (same command; in-process here) and compare every bit of the final state.
     summary = loop_lib.run(_cfg(out))
     assert summary["step"] == 10
-    like = loop_lib.init_train_state(run_config.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
-                                     jax.random.PRNGKey(0), seq_len=32)
-    a, da = _restore(ref_dir, 10, like)
-    b, db = _restore(out, 10, like)
-    assert da == db
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _assert_same_final_state(ref_dir, out)
     # the metrics log has each step exactly once despite the rewinds
     steps = [r["step"] for r in read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
     assert steps == list(range(1, 11))
@@ -203,13 +208,7 @@ def test_corrupt_newest_checkpoint_of_a_moved_run_resumes_from_the_previous_one(
     lines = [ln for ln in err.splitlines() if "could not be restored" in ln]
     assert len(lines) == 1 and "content checksum mismatch" in lines[0], err
     assert os.path.isdir(out / "checkpoints" / "10.corrupt")
-    like = loop_lib.init_train_state(run_config.model_config(_cfg(out), get_tokenizer("byte")), _cfg(out).train,
-                                     jax.random.PRNGKey(0), seq_len=32)
-    a, da = _restore(ref_dir, 10, like)
-    b, db = _restore(out, 10, like)
-    assert da == db
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _assert_same_final_state(ref_dir, out)
     steps = [r["step"] for r in read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
     assert steps == list(range(1, 11))
     assert loop_lib.run(_cfg(out))["step"] == 10  # the rerun of the rerun
