@@ -24,6 +24,7 @@ import pytest
 from deepseek_jax.checkpoint import Checkpointer
 from deepseek_jax.metrics import read_jsonl
 from deepseek_jax.train import loop as loop_lib
+from deepseek_jax.train.step import rederive_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "train"))
@@ -37,7 +38,9 @@ MESH = "expert=2,tensor=2"
 
 def _cfg(out_dir, mesh=""):
     c = loop_config.get_config()
-    c.train.total_steps = 4
+    base = c.train.copy_and_resolve_references()
+    c.train.total_steps = 4  # as experiments.run does for --config.train.total_steps: the schedule follows
+    rederive_schedule(base, c.train, {"total_steps"})
     c.loop.eval_every = 4
     c.loop.out_dir = str(out_dir)
     c.loop.mesh = mesh
@@ -122,6 +125,7 @@ def test_two_processes_run_equals_single_device_run(runs, tmp_path):
     a = read_jsonl(os.path.join(str(single), "metrics.jsonl"))
     b = read_jsonl(os.path.join(str(out), "metrics.jsonl"))
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # one writer: no duplicated records
+    assert [r["lambda_"] for r in a] == [r["lambda_"] for r in b]  # one schedule (the MTP switch at step 3 of 4)
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(ra["loss"]), (ra["step"], ra["loss"], rb["loss"])
     with open(os.path.join(str(out), "summary.json")) as f:
