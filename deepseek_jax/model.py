@@ -84,8 +84,10 @@ def _block_class(cfg: ModelConfig):
 
 def _block_stack(cfg: ModelConfig, moe: bool, n: int, absorb: bool, dot_general, dispatch, name: str):
     cls = _block_class(cfg)
+    unroll = n if cfg.scan_unroll == 0 else min(cfg.scan_unroll, n)  # ModelConfig.scan_unroll
     scanned = nn.scan(cls, variable_axes={"params": 0, "router": 0, LOAD_COLLECTION: 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, 0), length=n, metadata_params={nn.PARTITION_NAME: "layers"})
+                      in_axes=(nn.broadcast, 0), length=n, unroll=unroll,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, absorb=absorb, dot_general=dot_general, dispatch=dispatch, name=name)
 
 

@@ -451,9 +451,13 @@ def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callabl
             g_acc = jax.tree_util.tree_map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
             return (g_acc, l_acc + loss), aux
 
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, loss), (parts, loads) = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), (tokens, mask))
-        parts, loads = jax.tree_util.tree_map(lambda x: x.sum(0), (parts, loads))  # global-batch totals
+        if n_micro == 1:  # the same sums without the loop and its zero-initialised fp32 accumulators
+            (loss, (parts, loads)), grads = grad_fn(state.params, tokens[0], mask[0])
+            grads = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), grads)
+        else:
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, loss), (parts, loads) = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)), (tokens, mask))
+            parts, loads = jax.tree_util.tree_map(lambda x: x.sum(0), (parts, loads))  # global-batch totals
         parts["n_tokens"] = mask.sum()
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
