@@ -260,6 +260,11 @@ def worker(spec: dict) -> int:
         else:
             shape = spec["shape"]
             if kind == "ours":
+                from deepseek_jax import compat
+                if spec.get("cpu_flags", True):  # what experiments.run and the notebooks run with
+                    compat.use_cpu_xla_flags()
+                else:
+                    os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
                 import jax
                 import jaxlib
                 cfg, step, box, compile_s, compiled = build_ours(shape, spec["mtp"], spec["dispatch"])
@@ -412,9 +417,11 @@ def start(name: str, spec: dict, timeout: float, pool: list, echo: bool = True):
 # ---------------------------------------------------------------------------------------------------------------
 def run_shape(shape: dict, args) -> dict:
     tokens = shape["batch"] * shape["seq"]
-    specs = [("deepseek_jax (no MTP)", {"kind": "ours", "mtp": 0})]
+    specs = [("deepseek_jax (no MTP)", {"kind": "ours", "mtp": 0, "cpu_flags": True})]
+    if args.xla_defaults:
+        specs.append(("deepseek_jax (no MTP, XLA's default flags)", {"kind": "ours", "mtp": 0, "cpu_flags": False}))
     if args.mtp:
-        specs.append(("deepseek_jax (MTP D=1)", {"kind": "ours", "mtp": 1}))
+        specs.append(("deepseek_jax (MTP D=1)", {"kind": "ours", "mtp": 1, "cpu_flags": True}))
     for experts in args.experts.split(","):
         specs.append((f"transformers (experts={experts})", {"kind": "hf", "attn": args.attn, "experts": experts,
                                                              "threads": args.threads}))
@@ -580,6 +587,8 @@ def main(argv=None):
                     help="comma list of transformers experts_implementation to time, each its own worker (default: "
                          "the library's, grouped_mm in 5.x; e.g. default,eager); the fastest is the ratio's baseline")
     ap.add_argument("--mtp", action="store_true", help="also time ours with num_nextn_predict_layers=1")
+    ap.add_argument("--xla-defaults", action="store_true",
+                    help="also time ours without deepseek_jax.compat.CPU_XLA_FLAGS (XLA's own CPU defaults)")
     ap.add_argument("--dispatch", default="auto", help="our moe_dispatch (auto = sorted_tiles on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: os.cpu_count())")
     ap.add_argument("--profile", action="store_true",

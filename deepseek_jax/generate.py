@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import compat
 from deepseek_jax import hf
 from deepseek_jax.checkpoint import CheckpointError, Checkpointer
 from deepseek_jax.config import ModelConfig
@@ -487,6 +488,7 @@ def main(argv=None) -> int:
                     help="MTP self-speculative decoding (greedy, one prompt); prints acceptance and speed-up")
     ap.add_argument("--dtype", default="float32", help="compute dtype (--hf: also the parameter dtype)")
     args = ap.parse_args(argv)
+    compat.use_cpu_xla_flags()  # before jax starts its backends (BUILD.md "CPU speed")
 
 
     if args.checkpoint:

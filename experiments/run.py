@@ -29,6 +29,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepseek_jax import compat
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.train.loop import RunError, TooManySkippedError, run
 from deepseek_jax.train.step import rederive_schedule
@@ -129,6 +130,7 @@ def _resolved_config():
 
 def main(argv):
     del argv
+    compat.use_cpu_xla_flags()  # before jax starts its backends (BUILD.md "CPU speed")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     if _DISTRIBUTED.value:
         import jax
