@@ -261,7 +261,10 @@ def worker(spec: dict) -> int:
             shape = spec["shape"]
             if kind == "ours":
                 from deepseek_jax import compat
-                if spec.get("cpu_flags", True):  # what experiments.run and the notebooks run with
+                if spec.get("xla_flags") is not None:  # --xla-flags: exactly these
+                    os.environ["XLA_FLAGS"] = spec["xla_flags"]
+                    os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
+                elif spec.get("cpu_flags", True):  # what experiments.run and the notebooks run with
                     compat.use_cpu_xla_flags()
                 else:
                     os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
@@ -420,6 +423,9 @@ def run_shape(shape: dict, args) -> dict:
     specs = [("deepseek_jax (no MTP)", {"kind": "ours", "mtp": 0, "cpu_flags": True})]
     if args.xla_defaults:
         specs.append(("deepseek_jax (no MTP, XLA's default flags)", {"kind": "ours", "mtp": 0, "cpu_flags": False}))
+    for flags in (args.xla_flags.split(";") if args.xla_flags else []):
+        specs.append((f"deepseek_jax (no MTP, XLA_FLAGS={flags.strip()!r})",
+                      {"kind": "ours", "mtp": 0, "xla_flags": flags.strip()}))
     if args.mtp:
         specs.append(("deepseek_jax (MTP D=1)", {"kind": "ours", "mtp": 1, "cpu_flags": True}))
     for experts in args.experts.split(","):
@@ -587,6 +593,8 @@ def main(argv=None):
                     help="comma list of transformers experts_implementation to time, each its own worker (default: "
                          "the library's, grouped_mm in 5.x; e.g. default,eager); the fastest is the ratio's baseline")
     ap.add_argument("--mtp", action="store_true", help="also time ours with num_nextn_predict_layers=1")
+    ap.add_argument("--xla-flags", default="",
+                    help="';'-separated XLA_FLAGS settings, each timed as one more of our contenders (flag studies)")
     ap.add_argument("--xla-defaults", action="store_true",
                     help="also time ours without deepseek_jax.compat.CPU_XLA_FLAGS (XLA's own CPU defaults)")
     ap.add_argument("--dispatch", default="auto", help="our moe_dispatch (auto = sorted_tiles on CPU)")

@@ -77,26 +77,38 @@ def _masked_softmax(scores_bhts, q_pos_bt, k_pos_bs):
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _naive_core(q_nope, q_rope, k_nope, k_rope, v, q_pos_bt, k_pos_bs, scale, dt, chunk: int):
+def _naive_core(q_nope, q_rope, k_nope, k_rope, v, q_pos_bt, k_pos_bs, scale, dt, chunk: int,
+                causal_blocks: int = 1):
     """softmax(mask(q_nope k_nope^T + q_rope k_rope^T) * scale) v -> [B, T, H, dv], fp32 scores (V3 eqs. 10-11).
 
     chunk > 0 and T > chunk: the queries go through in chunks of ``chunk`` rows (``lax.map``; T padded up to a
     multiple, padding rows dropped), each chunk under ``jax.checkpoint``, so the largest attention tensors alive in
     the forward and the backward pass are [B, H, chunk, S] instead of [B, H, T, S] (every chunk still sees all S
-    keys: the same softmax, not an online one). Costs one extra score computation in the backward pass."""
+    keys: the same softmax, not an online one). Costs one extra score computation in the backward pass.
+
+    causal_blocks > 1 (the keys are the queries' own tokens, no cache; chunk == 0): the queries go through in
+    that many blocks along T, block i attending only to the keys up to its own last row, so the score blocks above
+    the diagonal, which the causal mask would zero, are never computed ((n-1)/2n of the scores skipped). Exact when
+    positions increase along T (training, evaluation, MTP): every skipped key is then later than every query of
+    the block. A batch row whose positions do not increase comes out NaN in the blocks where a skipped key would
+    have been visible, never silently wrong."""
     f32 = jnp.float32
     # q_nope k_nope^T + q_rope k_rope^T as one matmul over the concatenated head dim (nope | rope), the shared
     # rope key broadcast over the heads: the same sum, one [.., dn + dr]-deep contraction instead of two shallow
     # ones (on CPU this halves the core's forward+backward time).
     k_qk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])], -1)
 
-    def core(qn, qr, qp):
+    def core(qn, qr, qp, n_keys=None):  # n_keys: attend to the first n_keys keys only (_causal_blocks)
+        kq, vv, kp = (k_qk, v, k_pos_bs) if n_keys is None else (k_qk[:, :n_keys], v[:, :n_keys],
+                                                                  k_pos_bs[:, :n_keys])
         q = jnp.concatenate([qn, qr], -1)
-        scores = jnp.einsum("bthk,bshk->bhts", q, k_qk, preferred_element_type=f32) * scale
-        p = _masked_softmax(scores, qp, k_pos_bs).astype(dt)
-        return jnp.einsum("bhts,bshv->bthv", p, v)
+        scores = jnp.einsum("bthk,bshk->bhts", q, kq, preferred_element_type=f32) * scale
+        p = _masked_softmax(scores, qp, kp).astype(dt)
+        return jnp.einsum("bhts,bshv->bthv", p, vv)
 
     B, T = q_nope.shape[:2]
+    if causal_blocks > 1 and not chunk and T >= 2 * causal_blocks:
+        return _causal_blocks(core, q_nope, q_rope, k_qk, v, q_pos_bt, causal_blocks)
     if not chunk or T <= chunk:
         return core(q_nope, q_rope, q_pos_bt)
     n = -(-T // chunk)
@@ -107,6 +119,26 @@ def _naive_core(q_nope, q_rope, k_nope, k_rope, v, q_pos_bt, k_pos_bs, scale, dt
 
     o = jax.lax.map(lambda args: jax.checkpoint(core)(*args), (split(q_nope), split(q_rope), split(q_pos_bt)))
     return o.swapaxes(0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :T]
+
+
+def _causal_blocks(core, q_nope, q_rope, k_qk, v, pos_bt, n: int):
+    """``core`` over n query blocks along T, block i against keys [0, end_i) only (see _naive_core)."""
+    T = q_nope.shape[1]
+    bounds = [round(i * T / n) for i in range(n + 1)]
+    outs = []
+    for i in range(n):
+        a, b = bounds[i], bounds[i + 1]
+        o = core(q_nope[:, a:b], q_rope[:, a:b], pos_bt[:, a:b], n_keys=b)
+        if b < T:  # a skipped key visible to some query of the block: poison that batch row's block
+            bad_b = pos_bt[:, b:].min(1) <= pos_bt[:, a:b].max(1)
+            o = jnp.where(bad_b[:, None, None, None], jnp.asarray(jnp.nan, o.dtype), o)
+        outs.append(o)
+    return jnp.concatenate(outs, axis=1)
+
+
+# Query blocks of the causal XLA core on the training path (_naive_core's causal_blocks): 4 skips 3/8 of the
+# scores; on CPU it cuts the core's forward+backward time by a third at T = 256 and by half at T = 128.
+CAUSAL_BLOCKS = 4
 
 
 # jax.nn.dot_product_attention's implementation for attention_impl="cudnn" (tests swap in "xla": the same call,
@@ -243,7 +275,8 @@ class MLA(nn.Module):
                 o = _mla_fused_core(q_nope, q_rope, k_nope, keys_r, v, positions_bt, scale, dt)
             else:
                 o = _naive_core(q_nope, q_rope, k_nope, keys_r, v, positions_bt, k_pos, scale, dt,
-                                cfg.attn_chunk if impl == "chunked" else 0)
+                                cfg.attn_chunk if impl == "chunked" else 0,
+                                causal_blocks=CAUSAL_BLOCKS if cache is None else 1)
         out = dense(cfg.hidden_size, ("o_heads", "embed"), "o_proj")(o.reshape(B, T, H * dv))
         return out, new_cache
 

@@ -138,3 +138,34 @@ def test_auto_picks_cudnn_on_a_gpu_where_shapes_allow(monkeypatch):
     monkeypatch.setattr(attention, "_gpu_compute_capability", lambda: (8, 0))
     assert attention.resolve_attention_impl(v3, False) == "xla"
     assert attention.resolve_attention_impl(bf16, False) == "cudnn"
+
+
+@pytest.mark.parametrize("T, n", [(12, 4), (10, 4), (9, 2)])
+def test_causal_query_blocks_equal_the_whole_core(T, n):
+    """_naive_core with causal_blocks (the training path: query blocks that skip the scores above the diagonal)
+    == the whole [T, T] core, values and the gradients of all five inputs, T divisible by n or not."""
+    args = _qkv(T=T)
+    B = args[0].shape[0]
+    pos = jnp.broadcast_to(jnp.arange(T)[None], (B, T))
+    f32 = jnp.float32
+    whole = lambda *a: attention._naive_core(*a, pos, pos, 0.3, f32, 0)
+    blocked = lambda *a: attention._naive_core(*a, pos, pos, 0.3, f32, 0, causal_blocks=n)
+    np.testing.assert_allclose(np.asarray(blocked(*args)), np.asarray(whole(*args)), rtol=1e-6, atol=1e-6)
+    ct = jax.random.normal(jax.random.PRNGKey(3), whole(*args).shape)
+    loss = lambda fn: (lambda *a: (fn(*a) * ct).sum())
+    g = jax.grad(loss(blocked), argnums=tuple(range(5)))(*args)
+    g_ref = jax.grad(loss(whole), argnums=tuple(range(5)))(*args)
+    for name, a, b in zip(("q_nope", "q_rope", "k_nope", "k_rope", "v"), g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_causal_query_blocks_poison_rows_whose_positions_do_not_increase():
+    """A row whose positions decrease would see keys the blocks skip: its skipped-from blocks are NaN (never a
+    silently different softmax); an increasing row is exact."""
+    q_nope, q_rope, k_nope, k_rope, v = _qkv(T=8)
+    pos = jnp.array([[0, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0]])
+    f32 = jnp.float32
+    o = attention._naive_core(q_nope, q_rope, k_nope, k_rope, v, pos, pos, 0.3, f32, 0, causal_blocks=2)
+    ref = attention._naive_core(q_nope, q_rope, k_nope, k_rope, v, pos, pos, 0.3, f32, 0)
+    np.testing.assert_allclose(np.asarray(o[0]), np.asarray(ref[0]), rtol=1e-6, atol=1e-6)
+    assert np.isnan(np.asarray(o[1, :4])).all() and np.isfinite(np.asarray(o[1, 4:])).all()
