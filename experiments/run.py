@@ -14,6 +14,9 @@ Command-line overrides:
                                              (train.step.SCHEDULE_DERIVED) follow, unless also given
                                              (train.step.rederive_schedule)
 
+Compiled steps are kept in JAX's persistent compilation cache (``--compile_cache``, default
+~/.cache/deepseek_jax/jax_compilation_cache), so a rerun of the same shapes starts training at once.
+
 Exit status: 0 done (or stopped by a signal after its checkpoint), 2 a config error (one ``error:`` line
 naming the field; nothing written), 3 the run finished but skipped more than loop.max_skipped_fraction of its
 steps.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -40,6 +44,10 @@ flags.mark_flags_as_required(["config"])
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "call jax.distributed.initialize() first (one process per host of a multi-host job; "
     "SLURM, Open MPI, TPU pods and GKE are detected, else give the three flags below)")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", os.path.join(os.path.expanduser("~"), ".cache", "deepseek_jax", "jax_compilation_cache"),
+    "JAX's persistent compilation cache for repeated runs of one shape ('' = off; JAX_COMPILATION_CACHE_DIR, "
+    "when set, wins; not used with --distributed)")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "with --distributed: host:port of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
@@ -132,6 +140,9 @@ def main(argv):
     del argv
     compat.use_cpu_xla_flags()  # before jax starts its backends (BUILD.md "CPU speed")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    if _COMPILE_CACHE.value and not _DISTRIBUTED.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        import jax
+        jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE.value)  # a rerun of a shape skips compiling
     if _DISTRIBUTED.value:
         import jax
         # cross-process collectives of the CPU backend (no effect on GPU/TPU, which bring their own)

@@ -18,14 +18,14 @@ def get_config():
     c.model = ml_collections.ConfigDict({"preset": "small", "overrides": {}, "compute_dtype": "auto"})
     c.data = ml_collections.ConfigDict(dict(corpus="default", tokenizer="byte", seq_len=256, batch_size=8,
                                             fim_rate=0.1, val_fraction=0.05, seed=0))
-    total = 120
+    total = 180  # ~3.5 min on 2 cores, compilation included (BUILD.md "CPU speed")
     c.train = default_train_config(total_steps=total, peak_lr=1.5e-3, warmup_steps=20)
     # A short run cannot afford the paper's gamma = 0.001 (tuned for 14.8T tokens): at init the router sends
     # most tokens to a few experts (MaxVio ~7 with 32 experts), and the bias must undo that within ~100 steps.
     # (Measured: gamma 0.01 with lr 3e-3 left MaxVio_global at 3.2 after 160 steps; 0.05 with lr 1.5e-3: 2.5.)
     c.train.balance.gamma = 0.05
     c.loop = ml_collections.ConfigDict(dict(out_dir="runs/quickstart", seed=0, grad_accum=1, log_every=10,
-                                            eval_every=40, eval_batches=16, ckpt_every=60, keep=2,
+                                            eval_every=60, eval_batches=16, ckpt_every=90, keep=2,
                                             overwrite=False, progress=True,
                                             sample_prompt="def fibonacci(n):\n    ", sample_tokens=96,
                                             max_skipped_fraction=0.05,
