@@ -71,9 +71,9 @@ def test_grad_accumulation_equals_big_batch(setup, micro_and_big):
         np.testing.assert_allclose(m_micro[k], m_big[k], rtol=1e-6, atol=1e-7, err_msg=k)
     # Adam's first moment after one step is 0.1 * the clipped gradient: the gradients agree to fp32 rounding
     # (per tensor, relative to its largest entry: single entries that sum many terms with cancellation can differ
-    # by more, relatively)
+    # by more, relatively); the second moment is 0.05 * its square, so twice the relative rounding
     for a, b in zip(_leaves(s_micro.opt_state), _leaves(s_big.opt_state)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * np.abs(b).max())
     moved = max(np.abs(a - b).max() for a, b in zip(_leaves(s_big.params), _leaves(state.params)))
     assert moved > 1e-3  # the step did something
     # Adam's first update is lr * g / (|g| + eps): on coordinates with |g| near eps it amplifies the fp32 rounding
