@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from deepseek_jax.provenance import loadavg  # noqa: E402  (imports jax; this parent never computes)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HERE_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = (
@@ -31,17 +33,13 @@ RUNS = (
 )
 
 
-def _loadavg():
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def time_run(repo: str, config: str, extra: list, cache_dir: str) -> dict:
     out = tempfile.mkdtemp(prefix="run_wall_")
     shutil.rmtree(out)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, PYTHONPATH=repo)
     cmd = [sys.executable, "-m", "experiments.run", f"--config={config}", f"--config.loop.out_dir={out}",
            "--config.loop.progress=False", *extra]
-    load = _loadavg()
+    load = loadavg()
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -58,7 +56,7 @@ def time_run(repo: str, config: str, extra: list, cache_dir: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "steps": steps, "steps_per_s": sps, "train_s": steps / sps,
             "overhead_s": wall - steps / sps, "val_loss": summary["validation"]["loss"], "load_before": load,
-            "load_after": _loadavg()}
+            "load_after": loadavg()}
 
 
 def main(argv=None):

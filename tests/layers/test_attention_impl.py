@@ -19,6 +19,16 @@ def _qkv(B=2, T=10, H=4, dn=16, dr=8, dv=16, seed=0, dtype=jnp.float32):
             jax.random.normal(ks[4], (B, T, H, dv), dtype))
 
 
+def _assert_input_grads_close(fn, ref, args, key, atol):
+    """Gradients of <fn(q_nope, q_rope, k_nope, k_rope, v), ct> wrt all five inputs == those of ``ref``."""
+    ct = jax.random.normal(key, ref(*args).shape)
+    loss = lambda f: (lambda *a: (f(*a) * ct).sum())
+    g = jax.grad(loss(fn), argnums=tuple(range(5)))(*args)
+    g_ref = jax.grad(loss(ref), argnums=tuple(range(5)))(*args)
+    for name, a, b in zip(("q_nope", "q_rope", "k_nope", "k_rope", "v"), g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol, err_msg=name)
+
+
 @pytest.mark.parametrize("T", [10, 7])  # odd T: one zero query/key appended (cuDNN's backward wants even)
 def test_fused_core_equals_naive_core_values_and_grads(T):
     """_mla_fused_core (padding, scale, mask) through implementation="xla" == _naive_core, fp32, with a YaRN
@@ -41,12 +51,7 @@ def test_fused_core_equals_naive_core_values_and_grads(T):
     o, o_ref = fused(*args), naive(*args)
     assert o.shape == o_ref.shape == (B, T, 4, 16)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-5, atol=1e-5)
-    ct = jax.random.normal(jax.random.PRNGKey(9), o.shape)
-    loss = lambda fn: (lambda *a: (fn(*a) * ct).sum())
-    g = jax.grad(loss(fused), argnums=tuple(range(5)))(*args)
-    g_ref = jax.grad(loss(naive), argnums=tuple(range(5)))(*args)
-    for name, a, b in zip(("q_nope", "q_rope", "k_nope", "k_rope", "v"), g, g_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+    _assert_input_grads_close(fused, naive, args, jax.random.PRNGKey(9), atol=1e-5)
 
 
 def test_fused_attention_positions_not_increasing_give_nan():
@@ -151,12 +156,7 @@ def test_causal_query_blocks_equal_the_whole_core(T, n):
     whole = lambda *a: attention._naive_core(*a, pos, pos, 0.3, f32, 0)
     blocked = lambda *a: attention._naive_core(*a, pos, pos, 0.3, f32, 0, causal_blocks=n)
     np.testing.assert_allclose(np.asarray(blocked(*args)), np.asarray(whole(*args)), rtol=1e-6, atol=1e-6)
-    ct = jax.random.normal(jax.random.PRNGKey(3), whole(*args).shape)
-    loss = lambda fn: (lambda *a: (fn(*a) * ct).sum())
-    g = jax.grad(loss(blocked), argnums=tuple(range(5)))(*args)
-    g_ref = jax.grad(loss(whole), argnums=tuple(range(5)))(*args)
-    for name, a, b in zip(("q_nope", "q_rope", "k_nope", "k_rope", "v"), g, g_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=name)
+    _assert_input_grads_close(blocked, whole, args, jax.random.PRNGKey(3), atol=1e-6)
 
 
 def test_causal_query_blocks_poison_rows_whose_positions_do_not_increase():
