@@ -229,16 +229,25 @@ class _Stop:
 
 
 def evaluate(eval_step, state, batches) -> Dict[str, float]:
-    """Validation loss, bits per byte and MaxVio_global (loads summed over the whole validation set)."""
+    """Validation loss, bits per byte and MaxVio_global (loads summed over the whole validation set).
+
+    Also ``loss_batches``, the mean CE of each validation batch (the same batches in every run of a config), and
+    ``loss_se``, the standard error of the validation loss from their spread, std / sqrt(n_batches): the
+    sampling error of the validation set itself (docs/experiments.md)."""
     ce_sum = count = n_bytes = 0.0
     load = None
+    per_batch = []
     for b in batches:
         r = eval_step(state.params, state.router, {"tokens": b["tokens"], "mask": b["mask"]})
         ce_sum += float(r["ce_sum"])
         count += float(r["count"])
+        per_batch.append(float(r["ce_sum"]) / max(float(r["count"]), 1.0))
         n_bytes += float(np.sum(b["target_bytes"]))
         load = np.asarray(r["load"]) if load is None else load + np.asarray(r["load"])
     out = {"loss": ce_sum / max(count, 1.0), "bpb": bits_per_byte(ce_sum, n_bytes), "tokens": count}
+    if len(per_batch) > 1:
+        out["loss_se"] = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch)))
+        out["loss_batches"] = per_batch
     if load is not None and load.size:
         out["max_vio_global"] = float(losses.max_vio(jnp.asarray(load)))
     return out

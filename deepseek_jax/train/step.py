@@ -351,6 +351,9 @@ def step_metrics(loss, parts, norm: Normalisers, grad_norm, schedules, ok, new_s
         "mtp_loss": parts.get("mtp_term", zero), "balance_loss": parts.get("bal_term", zero),
         "grad_norm": grad_norm, "lr": lr, "lambda_": lam, "gamma": gamma,
         "bias_norm": optax.global_norm(new_state.router) if new_state.router else zero,
+        **({"router_bias": jnp.concatenate([b.reshape(-1, b.shape[-1]).astype(jnp.float32)
+                                            for b in jax.tree.leaves(new_state.router)])}
+           if new_state.router else {}),
         "tokens": parts["n_tokens"], "nonfinite": (~ok).astype(jnp.float32),
         "skipped": new_state.skipped.astype(jnp.float32),
     }
@@ -413,6 +416,8 @@ def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callabl
       max_vio_batch   MaxVio of this batch, mean over the main model's MoE layers;  max_vio_layers [L]
       mtp_expert_load [D, E], mtp_max_vio [D]   the same for the MTP modules (when D > 0)
       bias_norm       L2 norm of the whole router collection after the update
+      router_bias     [rows, E] every MoE layer's bias after the update (the router collection's leaves in tree
+                      order, each [.., E] flattened to rows: the main model's layers, then the MTP modules')
       tokens          valid target tokens in the batch
       nonfinite       1 if this step was skipped;  skipped  the running count
       ep_dropped      routed rows dropped by a capacity-limited expert-parallel all-to-all (only with an "expert"
