@@ -55,6 +55,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from deepseek_jax.data import corpus as corpus_lib
+from experiments import power
 from deepseek_jax.train import run_config
 from deepseek_jax.train.loop import run as run_training
 
@@ -287,6 +288,8 @@ def collect(mod, results_root: str = RESULTS) -> List[Dict[str, Any]]:
             val = _read_jsonl(os.path.join(rd, "validation.jsonl"))
             if not val:
                 continue
+            if is_stale(mod, arm, int(name[4:]), rd):
+                continue
             last = val[-1]
             sw = {}
             if os.path.exists(os.path.join(rd, "sweep.json")):
@@ -301,6 +304,29 @@ def collect(mod, results_root: str = RESULTS) -> List[Dict[str, Any]]:
                 row["compute_flops"] = mod.COMPUTE[arm]
             rows.append(row)
     return rows
+
+
+def is_stale(mod, arm: str, seed: int, rd: str) -> bool:
+    """A committed run whose config.json differs from what its experiment file builds now (a rerun replaces it
+    with ``--rerun-stale``); stale runs are left out of every table and verdict, and counted in RESULTS.md."""
+    p = os.path.join(rd, "config.json")
+    if not os.path.exists(p):
+        return True
+    with open(p) as f:
+        return bool(config_diff(json.load(f), comparable(mod.get_config(f"{arm},seed={seed}"))))
+
+
+def stale_runs(mod, results_root: str = RESULTS) -> List[str]:
+    root = os.path.join(results_root, mod.EXPERIMENT, "runs")
+    out = []
+    for arm in mod.ARMS:
+        adir = os.path.join(root, arm)
+        for name in sorted(os.listdir(adir)) if os.path.isdir(adir) else []:
+            rd = os.path.join(adir, name)
+            if name.startswith("seed") and os.path.exists(os.path.join(rd, "summary.json")) and \
+                    is_stale(mod, arm, int(name[4:]), rd):
+                out.append(f"{arm}/{name}")
+    return out
 
 
 def arm_stats(rows: List[dict], metric: str) -> Dict[str, Dict[str, float]]:
@@ -372,15 +398,20 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
         means = [stats[arm]["mean"] for arm in by_c]
         monotone = all(m2 < m1 for m1, m2 in zip(means, means[1:]))
         cs = [r["compute_flops"] for r in rows]
-        ours = f"L = {a:.3g} C^{k:.4f} (R² {r2:.3f}, {len(arms)} sizes, {max(cs) / min(cs):.0f}x compute)"
-        if k < 0 and r2 >= 0.9 and monotone:
-            return "reproduced", ours, f"loss falls with compute as a power law, exponent {-k:.4f}, R² {r2:.3f}."
-        if k >= 0:
+        ci = power.per_seed_power_law(rows, claim["metric"], fit_power_law)
+        ci_txt = (f"; exponent per seed {-ci['mean']:.4f}, 95% CI [{-ci['hi']:.4f}, {-ci['lo']:.4f}] over "
+                  f"{ci['n']} seeds" if ci else "")
+        ours = f"L = {a:.3g} C^{k:.4f} (R² {r2:.3f}, {len(arms)} sizes, {max(cs) / min(cs):.0f}x compute{ci_txt})"
+        excludes_zero = ci is not None and ci["hi"] < 0
+        if k < 0 and r2 >= 0.9 and monotone and excludes_zero:
+            return "reproduced", ours, (f"loss falls with compute as a power law, exponent {-k:.4f}, R² {r2:.3f}, "
+                                        f"monotone over the sizes, and the exponent's 95% CI excludes 0.")
+        if k >= 0 and (ci is None or ci["lo"] >= 0):
             return "contradicted", ours, "loss does not fall with compute in these runs."
-        shape = "not monotonically" if not monotone else "the fit is poor"
-        return ("not at this scale", ours, f"loss falls but {shape}"
-                f" (R² {r2:.3f}): at these sizes seed noise and the discrete depth and width of each model (1 or 2"
-                f" layers) move the loss as much as a step in compute does.")
+        shape = ("not monotonically" if not monotone else "the fit is poor" if r2 < 0.9 else
+                 "the exponent's 95% CI reaches 0")
+        return ("not at this scale", ours, f"loss falls but {shape} (R² {r2:.3f}; the rule needs R² >= 0.9, "
+                f"monotone arm means and a CI below 0).")
     a, b = claim["a"], claim["b"]
     if a not in stats or b not in stats or min(stats[a]["n"], stats[b]["n"]) < MIN_SEEDS:
         return None
@@ -399,7 +430,9 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
             return "reproduced", ours, f"{a} is lower by {_fmt(-d)} ({noise})."
         if d > 2 * se or (se == 0 and d > 0):
             return "contradicted", ours, f"{a} is higher by {_fmt(d)} ({noise}) at this scale."
-        return "not at this scale", ours, f"the difference {_fmt(d)} is within seed noise ({noise})."
+        return "not at this scale", ours, (f"the difference {_fmt(d)} is within seed noise ({noise}); minimum "
+                                           f"detectable difference at n={n}: {_fmt(2 * se)} "
+                                           f"({2 * se / abs(sb['mean']):.2%} of {b}).")
     if expect in ("equal", "rel_within"):
         # Equivalence, not absence of evidence: "same" is reproduced only when the runs could have seen a
         # difference as small as the tolerance and did not.
@@ -414,7 +447,9 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
             return "contradicted", ours, (f"relative gap {rel:.3%} > {tol:.2%}, beyond seed noise ({noise}) "
                                           f"at this scale.")
         return "not at this scale", ours, (f"relative gap {rel:.3%}, but gap + seed noise ({noise}) reaches "
-                                           f"{band:.3%} > the {tol:.2%} tolerance: the runs cannot resolve it.")
+                                           f"{band:.3%} > the {tol:.2%} tolerance: the runs cannot resolve it; "
+                                           f"minimum detectable difference at n={n}: {_fmt(2 * se)} "
+                                           f"({2 * se / abs(sb['mean']):.2%} of {b}).")
     raise SweepError(f"claim {claim['id']}: unknown expect {expect!r}")
 
 
@@ -449,6 +484,10 @@ def write_experiment(mod, results_root: str = RESULTS) -> List[dict]:
         arm_rows.append(row)
     _write_csv(os.path.join(out, "arms.csv"), arm_rows)
     _plot(mod, rows, out, results_root)
+    if getattr(mod, "TRAJECTORIES", False):
+        plot_balance_trajectories(mod.EXPERIMENT, list(dict.fromkeys(r["arm"] for r in rows)), results_root,
+                                  os.path.join(out, "maxvio.png"), f"{mod.EXPERIMENT}: load balance during training "
+                                  "(mean over seeds)")
     return rows
 
 
@@ -500,6 +539,61 @@ def _plot(mod, rows, out, results_root) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, "fit.png"), dpi=90)
         plt.close(fig)
+
+
+def plot_balance_trajectories(experiment: str, arms: Sequence[str], results_root: str, path: str,
+                              title: str) -> bool:
+    """MaxVio_batch (training batches, every logged step), MaxVio_global (validation set) and the router bias's
+    spread (std over experts, mean over MoE layers) vs step, mean over each arm's committed seeds (non-stale
+    not checked here: callers pass current arms), plus the final per-expert load of the first MoE layer. False
+    when no run of these arms logged MaxVio."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    drawn = False
+    for arm in arms:
+        adir = os.path.join(results_root, experiment, "runs", arm)
+        seeds = sorted(n for n in os.listdir(adir) if n.startswith("seed")) if os.path.isdir(adir) else []
+        mets = [_read_jsonl(os.path.join(adir, n, "metrics.jsonl")) for n in seeds]
+        vals = [_read_jsonl(os.path.join(adir, n, "validation.jsonl")) for n in seeds]
+        mets = [m for m in mets if m and "max_vio_batch" in m[0]]
+        if not mets:
+            continue
+        drawn = True
+        n = min(len(m) for m in mets)
+        steps = [r["step"] for r in mets[0][:n]]
+        mean = lambda key, runs, k: [sum(run[i][key] for run in runs) / len(runs) for i in range(k)]
+        axes[0].plot(steps, mean("max_vio_batch", mets, n), label=f"{arm} (n={len(mets)})")
+        vals = [v for v in vals if v and "max_vio_global" in v[-1]]
+        if vals:
+            k = min(len(v) for v in vals)
+            axes[1].plot([r["step"] for r in vals[0][:k]], mean("max_vio_global", vals, k), "o-", label=arm)
+        if "router_bias" in mets[0][0]:
+            spread = lambda rec: sum(float(_sd(row)) for row in rec["router_bias"]) / len(rec["router_bias"])
+            axes[2].plot(steps, [sum(spread(run[i]) for run in mets) / len(mets) for i in range(n)], label=arm)
+        load = mets[0][n - 1]["expert_load"][0]
+        axes[3].plot(range(len(load)), sorted(load, reverse=True), "o-", label=f"{arm} ({seeds[0]})")
+    if not drawn:
+        plt.close(fig)
+        return False
+    for ax, t in zip(axes, ("MaxVio_batch (training batches)", "MaxVio_global (validation set)",
+                            "router bias: std over experts", "final load of MoE layer 1, sorted")):
+        ax.set_title(t)
+        ax.set_xlabel("step" if "sorted" not in t else "expert (by load)")
+        ax.legend(fontsize=7)
+    axes[3].axhline(1.0 / max(1, len(load)), color="grey", lw=0.5)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _sd(xs) -> float:
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
 def _sweep_command(mod) -> str:
@@ -570,7 +664,7 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
              "Generated by `python -m experiments.sweep` (experiments/sweep.py) from the run logs and configs under",
              "`experiments/results/<experiment>/runs/`; do not edit by hand. Ours = mean ± sample std over seeds",
              f"(n = seeds per arm; a claim needs >= {MIN_SEEDS} per arm). Verdict rules: experiments/sweep.py.",
-             "These are CPU-scale runs (~10^5-10^6 tokens, models of ~10^5-10^6 parameters): a verdict says what",
+             "These are CPU-scale runs (~10^6-10^7 tokens, models of ~10^5-10^6 parameters): a verdict says what",
              "holds at this scale, not whether the paper is right at its own.", "",
              *corpus_markdown(mods, results_root), ""]
     summary = ["| experiment | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
@@ -589,17 +683,20 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                     m = sw.get("machine") or {}
                     machines.setdefault((m.get("cpu"), m.get("cpu_count"), m.get("python"), m.get("jax"),
                                          m.get("backend")), set()).add(sw.get("code_version"))
+        stale = stale_runs(mod, results_root)
+        if stale:
+            capped_total.append(len(stale))
+            sec += [f"Stale: {len(stale)} committed run(s) were made with a config the experiment file no longer "
+                    f"builds ({', '.join(stale)}); they are left out of the tables and verdicts below until "
+                    f"`{_sweep_command(mod)} --rerun-stale` replaces them.", ""]
         warm = capped_warmup_runs(mod, results_root)
         if warm:
-            total = sum(len(v) for v in warm.values())
-            capped_total.append(total)
             per_arm = lambda runs: ", ".join(f"{a} x{n}" for a, n in Counter(r.split("/")[0] for r in runs).items())
             parts = "; ".join(f"{len(runs)} with {rec} steps instead of the configured {conf} ({per_arm(runs)})"
                               for (rec, conf), runs in sorted(warm.items()))
-            sec += [f"Warmup: {total} committed run(s) trained with a shorter warmup than their config sets: "
-                    f"{parts}. They were made when an explicit train.optim.warmup_steps was silently capped at "
-                    "1% of the run (deepseek_jax/train/optimizer.py no longer caps it); their numbers describe "
-                    "the warmup they recorded. Rerun them with `--rerun-stale` to measure the configured one.", ""]
+            sec += [f"Warmup: of these, {sum(len(v) for v in warm.values())} trained with a shorter warmup than "
+                    f"their config set: {parts}. They were made when an explicit train.optim.warmup_steps was "
+                    "silently capped at 1% of the run (deepseek_jax/train/optimizer.py no longer caps it).", ""]
         if rows:
             counts = ", ".join(f"{a}: {sum(r['arm'] == a for r in rows)}"
                                for a in dict.fromkeys(r["arm"] for r in rows))
@@ -621,15 +718,158 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                 cmd = _sweep_command(mod) + ("" if "a" not in claim else f" --arms {','.join(arms)}")
                 row = (claim["claim"], claim["paper"], "not run yet", "not run yet", f"{why}; run `{cmd}`")
             else:
-                row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", v[2])
+                why = v[2]
+                if claim["metric"] == "loss" and "a" in claim:
+                    vse = power.validation_se(results_root, mod.EXPERIMENT, claim["a"], claim["b"],
+                                              sorted({r["seed"] for r in rows}))
+                    if vse is not None:
+                        why += f" Validation-set SE of the difference: {_fmt(vse)}."
+                row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", why)
             sec.append("| " + " | ".join(row) + " |")
             summary.append(f"| {mod.EXPERIMENT} | {claim['claim']} | {claim['paper']} | {row[2]} | {row[3]} |")
         sec.append("")
         sections += sec
     if capped_total:
-        lines += [f"**Warmup note:** {sum(capped_total)} committed runs trained with a warmup capped at 1% of the run "
-                  "(e.g. 3 steps instead of the configured 20); each experiment's section lists them.", ""]
-    return "\n".join(lines + ["## Summary", ""] + summary + [""] + sections)
+        lines += [f"**Stale runs:** {sum(capped_total)} committed runs were made with configs the experiment files no "
+                  "longer build (the first design: 300 steps of 8 x 128 tokens, and a warmup silently capped at 1% "
+                  "of the run); each experiment's section lists them. They count in no verdict.", ""]
+    extra = pilot_markdown(results_root) + power_markdown(mods, results_root) + budget_markdown(mods, results_root)
+    return "\n".join(lines + ["## Summary", ""] + summary + [""] + extra + sections)
+
+
+def _pilot_module():
+    return load_experiment("pilot")
+
+
+def claim_noise(mod, claim: dict, noise: Dict[str, dict]) -> Optional[dict]:
+    """The pilot contrast whose paired SD stands for a claim's noise: claim["noise"] if set, else "same_init"
+    when the two arms have the same parameter count (same shapes, so seed s gives both the same initialisation),
+    else "different_init"."""
+    from experiments.configs import base
+    kind = claim.get("noise")
+    if kind is None:
+        pa = base.derived_values(mod.get_config(claim["a"]))["params_total"]
+        pb = base.derived_values(mod.get_config(claim["b"]))["params_total"]
+        kind = "same_init" if pa == pb else "different_init"
+    return noise.get(kind)
+
+
+def power_rows(mods, results_root: str = RESULTS) -> List[dict]:
+    """One row per claim with a noisy metric: the paper's effect, the pilot's paired SD, the seeds needed to
+    resolve the effect, the seeds the experiment runs, and the MDD at those seeds (experiments/power.py)."""
+    noise = power.noise_pilot(_pilot_module(), results_root)
+    out = []
+    for mod in mods:
+        for claim in mod.CLAIMS:
+            if claim["expect"] == "power_law" or claim["metric"] not in METRICS:
+                continue
+            src = claim_noise(mod, claim, noise)
+            row = {"experiment": mod.EXPERIMENT, "claim": claim, "n_run": len(mod.SEEDS)}
+            if src is None or claim["metric"] not in src:
+                out.append(row)
+                continue
+            sd, scale = src[claim["metric"]], abs(src["mean_b"][claim["metric"]])
+            row.update(noise_pair=src, sd=sd, scale=scale, mdd=power.mdd(sd, row["n_run"]))
+            if claim["expect"] in ("equal", "rel_within"):
+                tol = claim.get("tol", EQUAL_TOL)
+                row.update(target=tol * scale, target_txt=f"tolerance {tol:.2%}")
+            elif claim.get("paper_rel") is not None:
+                row.update(target=abs(claim["paper_rel"]) * scale,
+                           target_txt=f"paper effect {claim['paper_rel']:+.2%}")
+            if "target" in row:
+                row["needed"] = power.seeds_needed(sd, row["target"])
+            out.append(row)
+    return out
+
+
+def power_markdown(mods, results_root: str = RESULTS) -> List[str]:
+    rows = power_rows(mods, results_root)
+    noise = power.noise_pilot(_pilot_module(), results_root)
+    lines = ["## Power", "",
+             "Computed before the reported runs, from the pilot (experiments/configs/pilot.py, held-out seeds "
+             "100-102; experiments/power.py): the paired SD of a contrast whose arms share their initialisation "
+             "and of one whose arms cannot, the seeds the paper's effect (or an equivalence claim's tolerance) "
+             "needs under the 2-SE rule, and the minimum detectable difference (MDD = 2 SD / sqrt(n)) at the "
+             "seeds each experiment runs. The paper's effect is carried over as a relative difference, scaled "
+             "by the pilot's level of the metric: an assumption, since effects need not transfer across scales.",
+             ""]
+    if not noise:
+        return lines + ["The noise pilot has not run yet: `python -m experiments.sweep pilot --workers 2`.", ""]
+    lines += ["| pilot contrast | arms | seeds | paired SD of loss | of BPB | of MaxVio_global |",
+              "|---|---|---|---|---|---|"]
+    for name, rec in noise.items():
+        lines.append(f"| {name} | {rec['a']} - {rec['b']} | {rec['n']} | "
+                     + " | ".join(_fmt(rec[m]) if m in rec else "-" for m in METRICS) + " |")
+    lines += ["", "| experiment | claim | metric | target | noise from | seeds needed | seeds run | MDD at seeds run "
+              "| up front |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["claim"]
+        if "sd" not in r:
+            lines.append(f"| {r['experiment']} | {c['claim']} | {c['metric']} | - | (pilot missing) | - | "
+                         f"{r['n_run']} | - | - |")
+            continue
+        if "needed" in r:
+            ok = r["needed"] <= r["n_run"]
+            verdict = ("resolvable" if ok else f"**not resolvable at CPU scale**: the target "
+                       f"{_fmt(r['target'])} is below the MDD {_fmt(r['mdd'])} at {r['n_run']} seeds")
+            target, needed = f"{r['target_txt']} = {_fmt(r['target'])}", _fmt(r["needed"]) \
+                if math.isfinite(r["needed"]) else "inf"
+        else:
+            verdict, target, needed = "the paper's effect is not transcribed: MDD only", "-", "-"
+        lines.append(f"| {r['experiment']} | {c['claim']} | {c['metric']} | {target} | {r['noise_pair']['a']} - "
+                     f"{r['noise_pair']['b']} | {needed} | {r['n_run']} | {_fmt(r['mdd'])} | {verdict} |")
+    return lines + [""]
+
+
+def pilot_markdown(results_root: str = RESULTS) -> List[str]:
+    pilot = _pilot_module()
+    g = power.gamma_pilot(pilot, results_root)
+    lines = ["## Pilot: bias speed", "",
+             "Aux-loss-free balancing on held-out seed 100 at four bias speeds (experiments/configs/pilot.py; the "
+             "rule, fixed before the runs: the lowest mean MaxVio_global over the validation evaluations at steps "
+             f">= {pilot.SECOND_HALF}, the smaller gamma on a tie within {pilot.TIE}).", ""]
+    if not g:
+        return lines + ["Not run yet: `python -m experiments.sweep pilot --workers 2`.", ""]
+    lines += ["| gamma | mean MaxVio_global, steps >= %d | final MaxVio_global | final val loss |" % pilot.SECOND_HALF,
+              "|---|---|---|---|"]
+    for r in g["rows"]:
+        lines.append(f"| {r['gamma']:g} | {r['window_max_vio']:.3f} | {r['final_max_vio']:.3f} | "
+                     f"{r['final_loss']:.4f} |")
+    path = os.path.join(results_root, pilot.EXPERIMENT, "maxvio.png")
+    if plot_balance_trajectories(pilot.EXPERIMENT, [f"gamma_{x:g}" for x in pilot.GAMMAS], results_root, path,
+                                 "pilot: aux-loss-free balancing at four bias speeds (seed 100)"):
+        lines += ["", f"Trajectories: `{pilot.EXPERIMENT}/maxvio.png`."]
+    from experiments.configs import base
+    chosen = g["chosen"]
+    lines += ["", (f"Chosen: gamma = {chosen:g}; experiments/configs/base.py's GAMMA = {base.GAMMA:g}"
+                   + ("." if chosen == base.GAMMA else " (DIFFERENT: the base does not follow the pilot).")
+                   if chosen is not None else "Not every gamma has run yet."), ""]
+    return lines
+
+
+def budget_markdown(mods, results_root: str = RESULTS) -> List[str]:
+    """CPU-hours per experiment: the sum over its committed runs of wall seconds x the cores the run had."""
+    lines = ["## Compute budget", "",
+             "CPU-hours = sum over committed runs of wall time x the cores the run had (sweep.json; runs made "
+             "before runs recorded their cores count the machine's). The sweep runs two runs at a time, each "
+             "on its own core (`--workers 2`).", "", "| experiment | runs | CPU-hours | mean minutes a run |",
+             "|---|---|---|---|"]
+    total = 0.0
+    for mod in [_pilot_module()] + list(mods):
+        root = os.path.join(results_root, mod.EXPERIMENT, "runs")
+        secs, n = 0.0, 0
+        for arm in mod.ARMS:
+            for name in sorted(os.listdir(os.path.join(root, arm))) if os.path.isdir(os.path.join(root, arm)) else []:
+                p = os.path.join(root, arm, name, "sweep.json")
+                if os.path.exists(p):
+                    sw = power.load_json(p)
+                    cores = sw.get("cores") or (sw.get("machine") or {}).get("cpu_count") or 1
+                    secs += float(sw.get("wall_s", 0.0)) * cores
+                    n += 1
+        if n:
+            total += secs / 3600
+            lines.append(f"| {mod.EXPERIMENT} | {n} | {secs / 3600:.2f} | {secs / n / 60:.1f} |")
+    return lines + [f"| all | | {total:.2f} | |", ""]
 
 
 README_BEGIN = "<!-- results table: generated by experiments/sweep.py from experiments/results/RESULTS.md -->"

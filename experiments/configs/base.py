@@ -28,7 +28,13 @@ Claims (CLAIMS in each experiment file) are dicts read by experiments/sweep.py:
   metric            a key of the final validation record (loss, bpb, max_vio_global) or of the run's
                     derived values (kv_bytes_per_token, params_total, ...)
   a, b              the two arms compared (mean_a - mean_b)
-  expect            "less" (paper: a < b), "equal" (paper: no difference)
+  expect            "less" (paper: a < b), "equal" (paper: no difference), "rel_within" (|a - b| <= tol |b|),
+                    "power_law" (scaling)
+  tol               the tolerance of "equal" (default 1%) / "rel_within", relative to |mean_b|
+  paper_rel         optional: the paper's effect as a relative difference (a - b) / b, for the power analysis
+                    (experiments/power.py); absent where the paper's numbers are not transcribed
+  noise             optional: the pilot contrast standing for the claim's noise ("same_init" / "different_init";
+                    default: by whether the arms' parameter counts agree)
 """
 
 from __future__ import annotations

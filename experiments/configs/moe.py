@@ -24,6 +24,7 @@ ARMS = {
 }
 CLAIMS = [
     dict(id="loss_fine_vs_coarse", metric="loss", a="fine_shared", b="coarse", expect="less",
+         paper_rel=(1.808 - 1.867) / 1.867,
          claim="Fine-grained experts with a shared expert beat coarse (GShard-style) experts at equal compute",
          paper="Pile loss 1.808 (DeepSeekMoE 2B) vs 1.867 (GShard 2B) [DeepSeekMoE]"),
     dict(id="loss_shared_vs_none", metric="loss", a="fine_shared", b="fine_noshared", expect="less",

@@ -1,12 +1,12 @@
 """Scaling (DeepSeek LLM §3): loss vs compute along DeepSeek LLM's compute-optimal allocation, five dense model
-sizes of depth 2 spanning 33x in compute, each trained with the learning rate and batch size its fitted laws
+sizes of depth 2 spanning 46x in compute, each trained with the learning rate and batch size its fitted laws
 prescribe.
 
     python -m experiments.sweep scaling
 
-Each arm is a compute budget C (geometric steps from 3e11 to 1e13 FLOPs). The model is a 2-layer dense MHA model
-whose width d makes M closest to M_opt(C) = 0.1715 C^0.5243 (within 13%), and it trains on D = C / M tokens
-(close to D_opt(C) = 5.8316 C^0.4757, since M is close to M_opt), so every size sits on the compute-optimal
+Each arm is a 2-layer dense MHA model of width d = 24, 32, 48, 64, 80 and the compute budget C at which its M is
+compute-optimal, M = M_opt(C) = 0.1715 C^0.5243 (C from 2.3e11 to 1.1e13 FLOPs, 46x); it trains on D = C / M
+tokens (= D_opt(C) = 5.8316 C^0.4757 to within the laws' rounding), so every size sits on the compute-optimal
 frontier that the paper's loss-vs-compute power law describes. One depth for every size: an earlier design mixed
 1- and 2-layer models, and the change of depth moved the loss as much as a step in compute did (R² 0.47). (A
 still earlier one trained every size on the same tokens: the larger models were then further from converging,
@@ -28,12 +28,12 @@ from experiments.configs import base
 EXPERIMENT = "scaling"
 SEQ_LEN = 128
 SEEDS = (0, 1, 2, 3, 4)
-SIZES = {  # arm: (n_layer, d_model, heads, compute budget C in FLOPs): C = 3e11 x (100/3)^(i/4)
-    "s1": (2, 24, 2, 3.0e11),
-    "s2": (2, 32, 2, 7.21e11),
-    "s3": (2, 48, 2, 1.73e12),
-    "s4": (2, 64, 2, 4.16e12),
-    "s5": (2, 80, 2, 1.0e13),
+SHAPES = {  # arm: (n_layer, d_model, heads); its compute budget is the C at which this M is M_opt(C)
+    "s1": (2, 24, 2),
+    "s2": (2, 32, 2),
+    "s3": (2, 48, 2),
+    "s4": (2, 64, 2),
+    "s5": (2, 80, 2),
 }
 
 
@@ -56,6 +56,14 @@ def m_opt(C: float) -> float:
 
 def d_opt(C: float) -> float:
     return 5.8316 * C ** 0.4757
+
+
+def c_for_m(M: float) -> float:
+    """The compute budget at which M is compute-optimal: the inverse of m_opt."""
+    return (M / 0.1715) ** (1 / 0.5243)
+
+
+SIZES = {arm: (L, d, H, c_for_m(flops_per_token(L, d))) for arm, (L, d, H) in SHAPES.items()}
 
 
 def arm_plan(arm: str) -> dict:
