@@ -219,7 +219,8 @@ def test_unknown_experiment_and_arm():
 
 def test_results_note_runs_trained_with_the_capped_warmup(tmp_path):
     """Runs committed while an explicit warmup was capped at 1% of the run record warmup_steps 3 for a config
-    that sets 20: RESULTS.md says which."""
+    that set 20: RESULTS.md lists them as stale (their config is not what the experiment builds now) and says
+    which had the capped warmup."""
     import json
     import types
 
@@ -231,7 +232,12 @@ def test_results_note_runs_trained_with_the_capped_warmup(tmp_path):
         d = tmp_path / "x" / "runs" / arm / f"seed{seed}"
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps({"train.optim.warmup_steps": warm}))
-    assert base.base_config().train.optim.warmup_steps == 20
-    assert sweep.capped_warmup_runs(mod, str(tmp_path)) == {(3, 20): ["a/seed0", "b/seed0"]}
+        (d / "summary.json").write_text("{}")
+    warm = base.base_config().train.optim.warmup_steps
+    assert warm == base.WARMUP_STEPS > 20
+    assert sweep.capped_warmup_runs(mod, str(tmp_path)) == {(3, warm): ["a/seed0", "b/seed0"],
+                                                            (20, warm): ["a/seed1"]}
+    assert sweep.stale_runs(mod, str(tmp_path)) == ["a/seed0", "a/seed1", "b/seed0"]
     md = sweep.results_markdown([mod], str(tmp_path))
-    assert "Warmup note:** 2 committed runs" in md and "2 with 3 steps instead of the configured 20 (a x1, b x1)" in md
+    assert "Stale runs:** 3 committed runs" in md
+    assert f"2 with 3 steps instead of the configured {warm} (a x1, b x1)" in md
