@@ -214,14 +214,21 @@ def run_parallel(tasks: List[dict], workers: int, results_root: str = RESULTS, c
     pinned to its own CPU core (workers > 1; one core a run measured ~1.5x the throughput of one run on two cores,
     docs/experiments.md "Compute budget"). A finished run's logs are copied at once (finish_run); with ``commit``,
     an arm is committed when its last planned seed has finished, so a commit never holds a half-finished arm.
-    A failed run is logged and left out; the others go on. Returns the (experiment, arm, seed) that finished."""
+    A failed run is logged and left out; the others go on. While the file runs/sweep.pause exists no new run
+    starts (the running ones finish): a pause that keeps other work off the sweep's cores without stopping a run
+    mid-way (its wall time is the budget's measure). Returns the (experiment, arm, seed) that finished."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
     pending, running, finished = list(tasks), {}, []
     left = Counter((t["mod"].EXPERIMENT, t["arm"]) for t in tasks)
     free = list(range(max(1, workers)))
     os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
+    pause = os.path.join(ROOT, "runs", "sweep.pause")
+    paused = False
     while pending or running:
-        while pending and free:
+        if os.path.exists(pause) != paused:
+            paused = not paused
+            log(f"[sweep] {'paused: no new run starts while' if paused else 'resumed: removed'} {pause}")
+        while pending and free and not paused:
             slot, task = free.pop(0), pending.pop(0)
             pin = {cores[slot % len(cores)]} if workers > 1 else None
             task["cores"] = 1 if pin else len(cores)
