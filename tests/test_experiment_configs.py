@@ -117,8 +117,8 @@ def test_paper_scale_arms(exp, arm, tmp_path):
 def test_cpu_shaped_experiments_have_no_paper_scale():
     with pytest.raises(ValueError, match="no paper-scale arm 'mla'"):
         attention.get_config("mla,scale=paper")
-    with pytest.raises(ValueError, match="no paper-scale arm 'aux_free_g01'"):
-        balancing.get_config("aux_free_g01,scale=paper")
+    with pytest.raises(ValueError, match="no paper-scale arm 'aux_free_paper_gamma'"):
+        balancing.get_config("aux_free_paper_gamma,scale=paper")
     with pytest.raises(ValueError, match="expected 'seed=<int>' or 'scale=cpu|paper'"):
         mtp.get_config("none,scale=huge")
 
