@@ -676,6 +676,8 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
              *corpus_markdown(mods, results_root), ""]
     summary = ["| experiment | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
     sections, capped_total = [], []
+    unresolvable = {(r["experiment"], r["claim"]["id"]): r for r in power_rows(mods, results_root)
+                    if r.get("needed", 0) > r["n_run"]}
     for mod in mods:
         rows = collect(mod, results_root)
         sec = [f"## {mod.EXPERIMENT}", "", " ".join((mod.__doc__ or "").strip().split("\n\n")[0].split()), ""]
@@ -718,12 +720,23 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
         for claim in mod.CLAIMS:
             stats = arm_stats(rows, claim["metric"]) if rows else {}
             v = verdict(claim, stats, rows) if rows else None
+            power_note = unresolvable.get((mod.EXPERIMENT, claim.get("id")))
+            if power_note is not None:
+                power_note = (f" Power analysis (before the runs): not resolvable at CPU scale, the target "
+                              f"{_fmt(power_note['target'])} is below the MDD {_fmt(power_note['mdd'])} at "
+                              f"{power_note['n_run']} seeds (needs {_fmt(power_note['needed'])}).")
             if v is None:
                 have = {a: s["n"] for a, s in stats.items()}
                 arms = [claim["a"], claim["b"]] if "a" in claim else list(mod.ARMS)
                 why = f"seeds so far: {({a: have.get(a, 0) for a in arms})}"
                 cmd = _sweep_command(mod) + ("" if "a" not in claim else f" --arms {','.join(arms)}")
-                row = (claim["claim"], claim["paper"], "not run yet", "not run yet", f"{why}; run `{cmd}`")
+                if power_note and getattr(mod, "SKIP_UNRESOLVABLE", False):
+                    row = (claim["claim"], claim["paper"], "not run", "**not resolvable at CPU scale**",
+                           power_note.strip() + " Its runs are not made (`SKIP_UNRESOLVABLE` in the experiment "
+                           f"file); `{cmd}` would make them.")
+                else:
+                    row = (claim["claim"], claim["paper"], "not run yet", "not run yet",
+                           f"{why}; run `{cmd}`." + (power_note or ""))
             else:
                 why = v[2]
                 if claim["metric"] == "loss" and "a" in claim:
@@ -731,7 +744,7 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                                               sorted({r["seed"] for r in rows}))
                     if vse is not None:
                         why += f" Validation-set SE of the difference: {_fmt(vse)}."
-                row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", why)
+                row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", why + (power_note or ""))
             sec.append("| " + " | ".join(row) + " |")
             summary.append(f"| {mod.EXPERIMENT} | {claim['claim']} | {claim['paper']} | {row[2]} | {row[3]} |")
         sec.append("")
@@ -777,6 +790,10 @@ def power_rows(mods, results_root: str = RESULTS) -> List[dict]:
                 continue
             sd, scale = src[claim["metric"]], abs(src["mean_b"][claim["metric"]])
             row.update(noise_pair=src, sd=sd, scale=scale, mdd=power.mdd(sd, row["n_run"]))
+            if claim["metric"] == "loss":
+                pilot = _pilot_module()
+                row["val_se"] = power.validation_se(results_root, pilot.EXPERIMENT, src["a"], src["b"],
+                                                    pilot.NOISE_SEEDS)
             if claim["expect"] in ("equal", "rel_within"):
                 tol = claim.get("tol", EQUAL_TOL)
                 row.update(target=tol * scale, target_txt=f"tolerance {tol:.2%}")
@@ -808,12 +825,12 @@ def power_markdown(mods, results_root: str = RESULTS) -> List[str]:
         lines.append(f"| {name} | {rec['a']} - {rec['b']} | {rec['n']} | "
                      + " | ".join(_fmt(rec[m]) if m in rec else "-" for m in METRICS) + " |")
     lines += ["", "| experiment | claim | metric | target | noise from | seeds needed | seeds run | MDD at seeds run "
-              "| up front |", "|---|---|---|---|---|---|---|---|---|"]
+              "| validation-set SE (pilot pair) | up front |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["claim"]
         if "sd" not in r:
             lines.append(f"| {r['experiment']} | {c['claim']} | {c['metric']} | - | (pilot missing) | - | "
-                         f"{r['n_run']} | - | - |")
+                         f"{r['n_run']} | - | - | - |")
             continue
         if "needed" in r:
             ok = r["needed"] <= r["n_run"]
@@ -823,8 +840,11 @@ def power_markdown(mods, results_root: str = RESULTS) -> List[str]:
                 if math.isfinite(r["needed"]) else "inf"
         else:
             verdict, target, needed = "the paper's effect is not transcribed: MDD only", "-", "-"
+        vse = r.get("val_se")
+        vse_txt = "-" if vse is None else _fmt(vse) + (
+            f" ({'under' if vse < r['target'] / 10 else 'NOT under'} a tenth of the target)" if "target" in r else "")
         lines.append(f"| {r['experiment']} | {c['claim']} | {c['metric']} | {target} | {r['noise_pair']['a']} - "
-                     f"{r['noise_pair']['b']} | {needed} | {r['n_run']} | {_fmt(r['mdd'])} | {verdict} |")
+                     f"{r['noise_pair']['b']} | {needed} | {r['n_run']} | {_fmt(r['mdd'])} | {vse_txt} | {verdict} |")
     return lines + [""]
 
 
