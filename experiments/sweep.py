@@ -65,6 +65,7 @@ EXPERIMENTS = ("balancing", "mtp", "fp8", "attention", "moe", "scaling")
 MIN_SEEDS = 3
 COPIED = ("config.json", "metrics.jsonl", "validation.jsonl", "summary.json")
 METRICS = ("loss", "bpb", "max_vio_global")
+DERIVED = ("kv_bytes_per_token", "params_total", "params_activated", "params_mtp")  # base.derived_values
 
 
 class SweepError(RuntimeError):
@@ -429,7 +430,7 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
     paired = _paired(rows or [], claim["metric"], a, b)
     if paired is not None:  # same seeds (same init and data order) in both arms: the seed effect cancels
         d, se, n = paired
-    ours = f"{a} {_pm(sa)} vs {b} {_pm(sb)} (n={n})"
+    ours = f"{a} {_pm(sa)} vs {b} {_pm(sb)} " + ("(by construction)" if sa.get("derived") else f"(n={n})")
     noise = (f"2 SE = {_fmt(2 * se)}" + (" of the paired per-seed difference" if paired else "")) if se else \
         "deterministic"
     if expect == "less":
@@ -718,8 +719,13 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
             sec.append("")
         sec += ["| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
         for claim in mod.CLAIMS:
-            stats = arm_stats(rows, claim["metric"]) if rows else {}
-            v = verdict(claim, stats, rows) if rows else None
+            if claim["metric"] in DERIVED and "a" in claim:  # a property of the arms' configs: no run needed
+                from experiments.configs import base
+                stats = {arm: {"mean": float(base.derived_values(mod.get_config(arm))[claim["metric"]]),
+                               "std": 0.0, "n": math.inf, "derived": True} for arm in (claim["a"], claim["b"])}
+            else:
+                stats = arm_stats(rows, claim["metric"]) if rows else {}
+            v = verdict(claim, stats, rows) if rows or any(s.get("derived") for s in stats.values()) else None
             power_note = unresolvable.get((mod.EXPERIMENT, claim.get("id")))
             if power_note is not None:
                 power_note = (f" Power analysis (before the runs): not resolvable at CPU scale, the target "
