@@ -972,6 +972,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="runs at a time, each pinned to its own core (default 1: one run on every core)")
     p.add_argument("--commit", action="store_true", help="git-commit each arm's logs when all its seeds are done")
+    p.add_argument("--force", action="store_true",
+                   help="also run experiments marked SKIP_UNRESOLVABLE (claims the power analysis cannot resolve)")
     args = p.parse_args(argv)
     try:
         if not args.report:
@@ -983,7 +985,12 @@ def main(argv=None) -> int:
             arms = args.arms.split(",") if args.arms else None
             tasks, skipped = [], 0
             for name in args.experiment:
-                t, sk = plan_runs(load_experiment(name), arms, seeds, rerun_stale=args.rerun_stale)
+                mod = load_experiment(name)
+                if getattr(mod, "SKIP_UNRESOLVABLE", False) and not args.force:
+                    print(f"[sweep] {mod.EXPERIMENT}: not run: the power analysis finds its claims unresolvable at "
+                          f"CPU scale (RESULTS.md 'Power'; SKIP_UNRESOLVABLE in its config); --force runs it")
+                    continue
+                t, sk = plan_runs(mod, arms, seeds, rerun_stale=args.rerun_stale)
                 tasks += t
                 skipped += len(sk)
             print(f"[sweep] {len(tasks)} run(s) to do, {skipped} already finished")
