@@ -65,6 +65,7 @@ EXPERIMENTS = ("balancing", "mtp", "fp8", "attention", "moe", "scaling")
 MIN_SEEDS = 3
 COPIED = ("config.json", "metrics.jsonl", "validation.jsonl", "summary.json")
 METRICS = ("loss", "bpb", "max_vio_global")
+DERIVED = ("kv_bytes_per_token", "params_total", "params_activated", "params_mtp")  # base.derived_values
 
 
 class SweepError(RuntimeError):
@@ -429,7 +430,7 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
     paired = _paired(rows or [], claim["metric"], a, b)
     if paired is not None:  # same seeds (same init and data order) in both arms: the seed effect cancels
         d, se, n = paired
-    ours = f"{a} {_pm(sa)} vs {b} {_pm(sb)} (n={n})"
+    ours = f"{a} {_pm(sa)} vs {b} {_pm(sb)} " + ("(by construction)" if sa.get("derived") else f"(n={n})")
     noise = (f"2 SE = {_fmt(2 * se)}" + (" of the paired per-seed difference" if paired else "")) if se else \
         "deterministic"
     if expect == "less":
@@ -676,6 +677,8 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
              *corpus_markdown(mods, results_root), ""]
     summary = ["| experiment | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
     sections, capped_total = [], []
+    unresolvable = {(r["experiment"], r["claim"]["id"]): r for r in power_rows(mods, results_root)
+                    if r.get("needed", 0) > r["n_run"]}
     for mod in mods:
         rows = collect(mod, results_root)
         sec = [f"## {mod.EXPERIMENT}", "", " ".join((mod.__doc__ or "").strip().split("\n\n")[0].split()), ""]
@@ -716,14 +719,30 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
             sec.append("")
         sec += ["| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
         for claim in mod.CLAIMS:
-            stats = arm_stats(rows, claim["metric"]) if rows else {}
-            v = verdict(claim, stats, rows) if rows else None
+            if claim["metric"] in DERIVED and "a" in claim:  # a property of the arms' configs: no run needed
+                from experiments.configs import base
+                stats = {arm: {"mean": float(base.derived_values(mod.get_config(arm))[claim["metric"]]),
+                               "std": 0.0, "n": math.inf, "derived": True} for arm in (claim["a"], claim["b"])}
+            else:
+                stats = arm_stats(rows, claim["metric"]) if rows else {}
+            v = verdict(claim, stats, rows) if rows or any(s.get("derived") for s in stats.values()) else None
+            power_note = unresolvable.get((mod.EXPERIMENT, claim.get("id")))
+            if power_note is not None:
+                power_note = (f" Power analysis (before the runs): not resolvable at CPU scale, the target "
+                              f"{_fmt(power_note['target'])} is below the MDD {_fmt(power_note['mdd'])} at "
+                              f"{power_note['n_run']} seeds (needs {_fmt(power_note['needed'])}).")
             if v is None:
                 have = {a: s["n"] for a, s in stats.items()}
                 arms = [claim["a"], claim["b"]] if "a" in claim else list(mod.ARMS)
                 why = f"seeds so far: {({a: have.get(a, 0) for a in arms})}"
                 cmd = _sweep_command(mod) + ("" if "a" not in claim else f" --arms {','.join(arms)}")
-                row = (claim["claim"], claim["paper"], "not run yet", "not run yet", f"{why}; run `{cmd}`")
+                if power_note and getattr(mod, "SKIP_UNRESOLVABLE", False):
+                    row = (claim["claim"], claim["paper"], "not run", "**not resolvable at CPU scale**",
+                           power_note.strip() + " Its runs are not made (`SKIP_UNRESOLVABLE` in the experiment "
+                           f"file); `{cmd}` would make them.")
+                else:
+                    row = (claim["claim"], claim["paper"], "not run yet", "not run yet",
+                           f"{why}; run `{cmd}`." + (power_note or ""))
             else:
                 why = v[2]
                 if claim["metric"] == "loss" and "a" in claim:
@@ -731,7 +750,7 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                                               sorted({r["seed"] for r in rows}))
                     if vse is not None:
                         why += f" Validation-set SE of the difference: {_fmt(vse)}."
-                row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", why)
+                row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", why + (power_note or ""))
             sec.append("| " + " | ".join(row) + " |")
             summary.append(f"| {mod.EXPERIMENT} | {claim['claim']} | {claim['paper']} | {row[2]} | {row[3]} |")
         sec.append("")
@@ -777,6 +796,10 @@ def power_rows(mods, results_root: str = RESULTS) -> List[dict]:
                 continue
             sd, scale = src[claim["metric"]], abs(src["mean_b"][claim["metric"]])
             row.update(noise_pair=src, sd=sd, scale=scale, mdd=power.mdd(sd, row["n_run"]))
+            if claim["metric"] == "loss":
+                pilot = _pilot_module()
+                row["val_se"] = power.validation_se(results_root, pilot.EXPERIMENT, src["a"], src["b"],
+                                                    pilot.NOISE_SEEDS)
             if claim["expect"] in ("equal", "rel_within"):
                 tol = claim.get("tol", EQUAL_TOL)
                 row.update(target=tol * scale, target_txt=f"tolerance {tol:.2%}")
@@ -808,12 +831,12 @@ def power_markdown(mods, results_root: str = RESULTS) -> List[str]:
         lines.append(f"| {name} | {rec['a']} - {rec['b']} | {rec['n']} | "
                      + " | ".join(_fmt(rec[m]) if m in rec else "-" for m in METRICS) + " |")
     lines += ["", "| experiment | claim | metric | target | noise from | seeds needed | seeds run | MDD at seeds run "
-              "| up front |", "|---|---|---|---|---|---|---|---|---|"]
+              "| validation-set SE (pilot pair) | up front |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["claim"]
         if "sd" not in r:
             lines.append(f"| {r['experiment']} | {c['claim']} | {c['metric']} | - | (pilot missing) | - | "
-                         f"{r['n_run']} | - | - |")
+                         f"{r['n_run']} | - | - | - |")
             continue
         if "needed" in r:
             ok = r["needed"] <= r["n_run"]
@@ -823,8 +846,11 @@ def power_markdown(mods, results_root: str = RESULTS) -> List[str]:
                 if math.isfinite(r["needed"]) else "inf"
         else:
             verdict, target, needed = "the paper's effect is not transcribed: MDD only", "-", "-"
+        vse = r.get("val_se")
+        vse_txt = "-" if vse is None else _fmt(vse) + (
+            f" ({'under' if vse < r['target'] / 10 else 'NOT under'} a tenth of the target)" if "target" in r else "")
         lines.append(f"| {r['experiment']} | {c['claim']} | {c['metric']} | {target} | {r['noise_pair']['a']} - "
-                     f"{r['noise_pair']['b']} | {needed} | {r['n_run']} | {_fmt(r['mdd'])} | {verdict} |")
+                     f"{r['noise_pair']['b']} | {needed} | {r['n_run']} | {_fmt(r['mdd'])} | {vse_txt} | {verdict} |")
     return lines + [""]
 
 
@@ -855,28 +881,44 @@ def pilot_markdown(results_root: str = RESULTS) -> List[str]:
 
 
 def budget_markdown(mods, results_root: str = RESULTS) -> List[str]:
-    """CPU-hours per experiment: the sum over its committed runs of wall seconds x the cores the run had."""
+    """CPU-hours per experiment: the sum over its current (non-stale) committed runs of wall seconds x the cores
+    the run had, and the runs still planned (arms x seeds) with an estimate at the mean cost of its finished runs
+    (of the pilot's runs, for an experiment with none yet)."""
     lines = ["## Compute budget", "",
-             "CPU-hours = sum over committed runs of wall time x the cores the run had (sweep.json; runs made "
-             "before runs recorded their cores count the machine's). The sweep runs two runs at a time, each "
-             "on its own core (`--workers 2`).", "", "| experiment | runs | CPU-hours | mean minutes a run |",
-             "|---|---|---|---|"]
-    total = 0.0
-    for mod in [_pilot_module()] + list(mods):
-        root = os.path.join(results_root, mod.EXPERIMENT, "runs")
-        secs, n = 0.0, 0
+             "CPU-hours = sum over the current committed runs of wall time x the cores the run had (sweep.json). "
+             "The sweep runs two runs at a time, each on its own core (`--workers 2`); a run's wall time includes "
+             "whatever else the machine did meanwhile. Still to run: the planned arms x seeds without a current "
+             "run, estimated at the experiment's mean CPU-hours per finished run (the pilot's, where none has "
+             "finished). Planned total: under 12 CPU-hours.", "",
+             "| experiment | runs done | CPU-hours | mean CPU-minutes a run | runs to do | estimated CPU-hours to do |",
+             "|---|---|---|---|---|---|"]
+    total = todo_total = 0.0
+    pilot = _pilot_module()
+    per_run_default = None
+    for mod in [pilot] + list(mods):
+        secs, n, todo = 0.0, 0, 0
         for arm in mod.ARMS:
-            for name in sorted(os.listdir(os.path.join(root, arm))) if os.path.isdir(os.path.join(root, arm)) else []:
-                p = os.path.join(root, arm, name, "sweep.json")
-                if os.path.exists(p):
+            for seed in arm_seeds(mod, arm):
+                rd = run_dir(results_root, mod.EXPERIMENT, arm, seed)
+                p = os.path.join(rd, "sweep.json")
+                if os.path.exists(p) and not is_stale(mod, arm, seed, rd):
                     sw = power.load_json(p)
                     cores = sw.get("cores") or (sw.get("machine") or {}).get("cpu_count") or 1
                     secs += float(sw.get("wall_s", 0.0)) * cores
                     n += 1
-        if n:
-            total += secs / 3600
-            lines.append(f"| {mod.EXPERIMENT} | {n} | {secs / 3600:.2f} | {secs / n / 60:.1f} |")
-    return lines + [f"| all | | {total:.2f} | |", ""]
+                else:
+                    todo += 1
+        per_run = secs / n / 3600 if n else per_run_default
+        if mod is pilot and n:
+            per_run_default = per_run
+        est = todo * per_run if per_run is not None and todo else 0.0
+        if getattr(mod, "SKIP_UNRESOLVABLE", False):
+            est, todo = 0.0, 0
+        total += secs / 3600
+        todo_total += est
+        lines.append(f"| {mod.EXPERIMENT} | {n} | {secs / 3600:.2f} | {f'{secs / n / 60:.1f}' if n else '-'} | "
+                     f"{todo} | {est:.2f} |")
+    return lines + [f"| all | | {total:.2f} | | | {todo_total:.2f} |", ""]
 
 
 README_BEGIN = "<!-- results table: generated by experiments/sweep.py from experiments/results/RESULTS.md -->"
@@ -930,6 +972,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="runs at a time, each pinned to its own core (default 1: one run on every core)")
     p.add_argument("--commit", action="store_true", help="git-commit each arm's logs when all its seeds are done")
+    p.add_argument("--force", action="store_true",
+                   help="also run experiments marked SKIP_UNRESOLVABLE (claims the power analysis cannot resolve)")
     args = p.parse_args(argv)
     try:
         if not args.report:
@@ -941,7 +985,12 @@ def main(argv=None) -> int:
             arms = args.arms.split(",") if args.arms else None
             tasks, skipped = [], 0
             for name in args.experiment:
-                t, sk = plan_runs(load_experiment(name), arms, seeds, rerun_stale=args.rerun_stale)
+                mod = load_experiment(name)
+                if getattr(mod, "SKIP_UNRESOLVABLE", False) and not args.force:
+                    print(f"[sweep] {mod.EXPERIMENT}: not run: the power analysis finds its claims unresolvable at "
+                          f"CPU scale (RESULTS.md 'Power'; SKIP_UNRESOLVABLE in its config); --force runs it")
+                    continue
+                t, sk = plan_runs(mod, arms, seeds, rerun_stale=args.rerun_stale)
                 tasks += t
                 skipped += len(sk)
             print(f"[sweep] {len(tasks)} run(s) to do, {skipped} already finished")

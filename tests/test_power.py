@@ -155,3 +155,15 @@ def test_stale_runs_count_in_no_verdict(tmp_path):
         base.derived_values = orig
     assert [(r["seed"], r["loss"]) for r in rows] == [(0, 2.0)]
     assert sweep.stale_runs(mod, str(tmp_path)) == ["a/seed1"]
+
+
+def test_a_claim_on_a_config_property_needs_no_run(tmp_path):
+    """KV-cache bytes per token are fixed by the arms' configs: the claim is decided with no committed run,
+    from the same numbers the config gives (MLA r=96 caches (96 + 16) x 3 layers in bf16, MHA 4 x (32 + 32) x 3)."""
+    from experiments.configs import attention
+    md = sweep.results_markdown([attention], str(tmp_path))
+    row = next(line for line in md.splitlines() if line.startswith("| MLA caches far fewer bytes"))
+    assert "mla 672 vs mha 1,536 (by construction)" in row and "**reproduced**" in row
+    assert (96 + 16) * 3 * 2 == 672 and 4 * (32 + 32) * 3 * 2 == 1536
+    other = next(line for line in md.splitlines() if line.startswith("| MLA beats GQA"))
+    assert "not run yet" in other

@@ -15,7 +15,9 @@ ARMS = {
 }
 PAPER_ARMS = ARMS  # ``<arm>,scale=paper``: the same diffs over base.paper_base_config (the 15.7B MoE)
 CLAIMS = [
-    dict(id="bpb_mtp_vs_none", metric="bpb", a="mtp1", b="none", expect="equal",
+    # noise: the MTP module's parameters are extra, but the main model's initialisation is the same in both arms
+    # (flax draws each module's init from its own path), so the same-init pilot contrast applies
+    dict(id="bpb_mtp_vs_none", metric="bpb", a="mtp1", b="none", expect="equal", noise="same_init",
          claim="MTP training leaves the main model's language-modelling BPB unchanged (its gains are on benchmarks)",
          paper="Pile BPB 0.729 (baseline) vs 0.729 (+MTP), 15.7B MoE, 1.33T tokens [V3 Table 4]"),
 ]
