@@ -156,3 +156,26 @@ def per_seed_power_law(rows: List[dict], metric: str, fit) -> Optional[dict]:
 def load_json(path: str):
     with open(path) as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pilot 3: the peak learning rate
+# ---------------------------------------------------------------------------------------------------------------
+def lr_pilot(pilot, results_root: str) -> Optional[dict]:
+    """The rule of experiments/configs/pilot.py step 3: {"rows": [{lr, pair, sd, mean_loss, n}], "low_lr_wins"}
+    from the same-init contrasts at the base's peak LR and at pilot.LOW_LR; None until both have >= 2 seeds."""
+    noise = noise_pilot(pilot, results_root, metrics=("loss",))
+    pairs = {name: (a, b) for name, a, b, _ in pilot.NOISE_PAIRS}
+    if not ("same_init" in noise and "same_init_lr1e-3" in noise):
+        return None
+    rows = []
+    for name in ("same_init", "same_init_lr1e-3"):
+        a, b = pairs[name]
+        seeds = [s for s in pilot.NOISE_SEEDS if finished(results_root, pilot.EXPERIMENT, a, s)
+                 and finished(results_root, pilot.EXPERIMENT, b, s)]
+        losses = [validation(results_root, pilot.EXPERIMENT, arm, s)[-1]["loss"] for arm in (a, b) for s in seeds]
+        rows.append({"pair": name, "a": a, "b": b, "sd": noise[name]["loss"], "n": noise[name]["n"],
+                     "mean_loss": sum(losses) / len(losses)})
+    base_row, low = rows
+    wins = low["sd"] < base_row["sd"] and low["mean_loss"] <= base_row["mean_loss"] + base_row["sd"]
+    return {"rows": rows, "low_lr_wins": wins}

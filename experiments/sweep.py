@@ -759,7 +759,8 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
         lines += [f"**Stale runs:** {sum(capped_total)} committed runs were made with configs the experiment files no "
                   "longer build (the first design: 300 steps of 8 x 128 tokens, and a warmup silently capped at 1% "
                   "of the run); each experiment's section lists them. They count in no verdict.", ""]
-    extra = pilot_markdown(results_root) + power_markdown(mods, results_root) + budget_markdown(mods, results_root)
+    extra = (pilot_markdown(results_root) + lr_markdown(results_root) + power_markdown(mods, results_root)
+             + budget_markdown(mods, results_root))
     return "\n".join(lines + ["## Summary", ""] + summary + [""] + extra + sections)
 
 
@@ -877,6 +878,29 @@ def pilot_markdown(results_root: str = RESULTS) -> List[str]:
     lines += ["", (f"Chosen: gamma = {chosen:g}; experiments/configs/base.py's GAMMA = {base.GAMMA:g}"
                    + ("." if chosen == base.GAMMA else " (DIFFERENT: the base does not follow the pilot).")
                    if chosen is not None else "Not every gamma has run yet."), ""]
+    return lines
+
+
+def lr_markdown(results_root: str = RESULTS) -> List[str]:
+    pilot = _pilot_module()
+    r = power.lr_pilot(pilot, results_root)
+    lines = ["## Pilot: peak learning rate", "",
+             "The same-init contrast (aux-free vs sequence-wise aux loss) on seeds "
+             f"{', '.join(map(str, pilot.NOISE_SEEDS))} at the base's peak LR and at {pilot.LOW_LR:g} "
+             "(experiments/configs/pilot.py step 3; the rule, fixed before these runs: the lower LR replaces the base's only if its paired SD of the loss is smaller and "
+             "its mean validation loss is no worse by more than the base's paired SD).", ""]
+    if r is None:
+        return lines + ["Not run yet: `python -m experiments.sweep pilot --workers 2`.", ""]
+    from experiments.configs import base
+    lines += ["| contrast | arms | seeds | paired SD of the final loss | mean final loss (both arms) |",
+              "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['pair']} | {row['a']} - {row['b']} | {row['n']} | {row['sd']:.4f} | "
+                     f"{row['mean_loss']:.4f} |")
+    peak = base.base_config().train.optim.peak_lr
+    follow = (peak == pilot.LOW_LR) == r["low_lr_wins"]
+    lines += ["", f"Outcome: {'the lower LR wins' if r['low_lr_wins'] else 'the base LR stays'}; the base's peak LR "
+              f"is {peak:g}" + ("." if follow else " (DIFFERENT: the base does not follow the pilot)."), ""]
     return lines
 
 
