@@ -888,7 +888,8 @@ def lr_markdown(results_root: str = RESULTS) -> List[str]:
              "The same-init contrast (aux-free vs sequence-wise aux loss) on seeds "
              f"{', '.join(map(str, pilot.NOISE_SEEDS))} at the base's peak LR and at {pilot.LOW_LR:g} "
              "(experiments/configs/pilot.py step 3; the rule, fixed before these runs: the lower LR replaces the "
-             "base's only if its paired SD of the loss is smaller and its mean validation loss is no worse by more than the base's paired SD).", ""]
+             "base's only if its paired SD of the loss is smaller and its mean validation loss is no worse by more "
+             "than the base's paired SD).", ""]
     if r is None:
         return lines + ["Not run yet: `python -m experiments.sweep pilot --workers 2`.", ""]
     from experiments.configs import base
