@@ -167,3 +167,27 @@ def test_a_claim_on_a_config_property_needs_no_run(tmp_path):
     assert (96 + 16) * 3 * 2 == 672 and 4 * (32 + 32) * 3 * 2 == 1536
     other = next(line for line in md.splitlines() if line.startswith("| MLA beats GQA"))
     assert "not run yet" in other
+
+
+def test_lr_pilot_rule(tmp_path):
+    """The lower LR wins only with a smaller paired SD *and* a mean loss no worse by more than the base's SD."""
+    root = str(tmp_path)
+    pilot = types.SimpleNamespace(EXPERIMENT="pilot", NOISE_SEEDS=(100, 101, 102), LOW_LR=1e-3, NOISE_PAIRS=(
+        ("same_init", "a", "b", True), ("same_init_lr1e-3", "la", "lb", True)))
+    base_a, base_b = [1.80, 1.90, 1.85], [1.90, 1.88, 1.75]      # diffs -0.10, 0.02, 0.10: sd 0.1007
+    low_a, low_b = [1.86, 1.92, 1.95], [1.87, 1.90, 1.95]        # diffs -0.01, 0.02, 0.00: sd 0.0153
+
+    def write(la, lb):
+        for s, (x, y, u, v) in zip(pilot.NOISE_SEEDS, zip(base_a, base_b, la, lb)):
+            for arm, val in (("a", x), ("b", y), ("la", u), ("lb", v)):
+                _write_run(root, "pilot", arm, s, [{"step": 9, "loss": val}])
+    write(low_a, low_b)
+    r = power.lr_pilot(pilot, root)
+    sd_base = statistics.stdev([x - y for x, y in zip(base_a, base_b)])
+    assert r["rows"][0]["sd"] == pytest.approx(sd_base) and r["rows"][1]["sd"] == pytest.approx(
+        statistics.stdev([-0.01, 0.02, 0.0]))
+    assert r["rows"][1]["mean_loss"] - r["rows"][0]["mean_loss"] == pytest.approx(
+        statistics.mean(low_a + low_b) - statistics.mean(base_a + base_b))
+    assert r["low_lr_wins"]  # mean worse by 0.062 < sd_base 0.1007, and a much smaller sd
+    write([x + 0.1 for x in low_a], [x + 0.1 for x in low_b])  # now worse by 0.162 > sd_base
+    assert not power.lr_pilot(pilot, root)["low_lr_wins"]
