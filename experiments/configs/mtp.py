@@ -8,9 +8,9 @@ the main head alone).
 from experiments.configs import base
 
 EXPERIMENT = "mtp"
-# The power analysis (RESULTS.md "Power", from the pilot's paired noise) finds MTP's equivalence claim (BPB
-# within 1%) needs far more seeds than a CPU budget allows (a 1% band at a paired BPB/loss SD of ~0.07-0.1 needs ~60 seeds), so the
-# sweep does not spend CPU-hours on it; `python -m experiments.sweep <name> --force` runs the arms anyway.
+# The power analysis (RESULTS.md "Power", from the pilot's paired noise) finds that MTP's equivalence claim (BPB within 1%)
+# needs far more seeds than a CPU budget allows (~60 for a 1% band, ~950 for 0.25%, at the pilot's paired SD),
+# so the sweep spends no CPU-hours on it; `python -m experiments.sweep mtp --force` runs the arms anyway.
 SKIP_UNRESOLVABLE = True
 SEEDS = base.SEEDS
 ARMS = {
