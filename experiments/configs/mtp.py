@@ -8,7 +8,8 @@ the main head alone).
 from experiments.configs import base
 
 EXPERIMENT = "mtp"
-# The power analysis (RESULTS.md "Power", from the pilot's paired noise) finds that MTP's equivalence claim (BPB within 1%)
+# The power analysis (RESULTS.md "Power": the pilot's paired noise) finds that
+# MTP's equivalence claim (BPB within 1%)
 # needs far more seeds than a CPU budget allows (~60 for a 1% band, ~950 for 0.25%, at the pilot's paired SD),
 # so the sweep spends no CPU-hours on it; `python -m experiments.sweep mtp --force` runs the arms anyway.
 SKIP_UNRESOLVABLE = True
