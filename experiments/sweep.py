@@ -127,6 +127,18 @@ def arm_seeds(mod, arm: str) -> List[int]:
     return list(getattr(mod, "ARM_SEEDS", {}).get(arm, mod.SEEDS))
 
 
+def planned_arms(mod, force: bool = False) -> List[str]:
+    """The arms a sweep of ``mod`` runs by default: none for an experiment marked ``SKIP_UNRESOLVABLE``, and never
+    the arms in its ``UNRESOLVABLE_ARMS`` (arms that serve only claims the power analysis finds unresolvable at
+    CPU scale, RESULTS.md "Power"); ``force`` (``--force``) runs them all."""
+    if force:
+        return list(mod.ARMS)
+    if getattr(mod, "SKIP_UNRESOLVABLE", False):
+        return []
+    skip = set(getattr(mod, "UNRESOLVABLE_ARMS", ()))
+    return [a for a in mod.ARMS if a not in skip]
+
+
 def plan_runs(mod, arms: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
               results_root: str = RESULTS, rerun_stale: bool = False):
     """(tasks, skipped): every (arm, seed) of ``mod`` not already committed with the same config, as dicts
@@ -736,10 +748,13 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                 arms = [claim["a"], claim["b"]] if "a" in claim else list(mod.ARMS)
                 why = f"seeds so far: {({a: have.get(a, 0) for a in arms})}"
                 cmd = _sweep_command(mod) + ("" if "a" not in claim else f" --arms {','.join(arms)}")
-                if power_note and getattr(mod, "SKIP_UNRESOLVABLE", False):
+                unplanned = [a for a in arms if a not in planned_arms(mod)]
+                if power_note and unplanned:
+                    why_not = ("`SKIP_UNRESOLVABLE`" if getattr(mod, "SKIP_UNRESOLVABLE", False) else
+                               f"`UNRESOLVABLE_ARMS`: {', '.join(unplanned)}")
                     row = (claim["claim"], claim["paper"], "not run", "**not resolvable at CPU scale**",
-                           power_note.strip() + " Its runs are not made (`SKIP_UNRESOLVABLE` in the experiment "
-                           f"file); `{cmd}` would make them.")
+                           power_note.strip() + f" Its runs are not made ({why_not} in the experiment "
+                           f"file); `{cmd} --force` would make them.")
                 else:
                     row = (claim["claim"], claim["paper"], "not run yet", "not run yet",
                            f"{why}; run `{cmd}`." + (power_note or ""))
@@ -922,6 +937,7 @@ def budget_markdown(mods, results_root: str = RESULTS) -> List[str]:
     per_run_default = None
     for mod in [pilot] + list(mods):
         secs, n, todo = 0.0, 0, 0
+        planned = set(planned_arms(mod))
         for arm in mod.ARMS:
             for seed in arm_seeds(mod, arm):
                 rd = run_dir(results_root, mod.EXPERIMENT, arm, seed)
@@ -931,14 +947,12 @@ def budget_markdown(mods, results_root: str = RESULTS) -> List[str]:
                     cores = sw.get("cores") or (sw.get("machine") or {}).get("cpu_count") or 1
                     secs += float(sw.get("wall_s", 0.0)) * cores
                     n += 1
-                else:
+                elif arm in planned:
                     todo += 1
         per_run = secs / n / 3600 if n else per_run_default
         if mod is pilot and n:
             per_run_default = per_run
         est = todo * per_run if per_run is not None and todo else 0.0
-        if getattr(mod, "SKIP_UNRESOLVABLE", False):
-            est, todo = 0.0, 0
         total += secs / 3600
         todo_total += est
         lines.append(f"| {mod.EXPERIMENT} | {n} | {secs / 3600:.2f} | {f'{secs / n / 60:.1f}' if n else '-'} | "
@@ -1015,7 +1029,11 @@ def main(argv=None) -> int:
                     print(f"[sweep] {mod.EXPERIMENT}: not run: the power analysis finds its claims unresolvable at "
                           f"CPU scale (RESULTS.md 'Power'; SKIP_UNRESOLVABLE in its config); --force runs it")
                     continue
-                t, sk = plan_runs(mod, arms, seeds, rerun_stale=args.rerun_stale)
+                skipped_arms = [a for a in mod.ARMS if a not in planned_arms(mod, args.force)]
+                if skipped_arms and not arms:
+                    print(f"[sweep] {mod.EXPERIMENT}: arms {skipped_arms} not run: they serve only claims the power "
+                          f"analysis finds unresolvable (UNRESOLVABLE_ARMS in its config); --force runs them")
+                t, sk = plan_runs(mod, arms or planned_arms(mod, args.force), seeds, rerun_stale=args.rerun_stale)
                 tasks += t
                 skipped += len(sk)
             print(f"[sweep] {len(tasks)} run(s) to do, {skipped} already finished")

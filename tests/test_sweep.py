@@ -241,3 +241,24 @@ def test_results_note_runs_trained_with_the_capped_warmup(tmp_path):
     md = sweep.results_markdown([mod], str(tmp_path))
     assert "Stale runs:** 3 committed runs" in md
     assert f"2 with 3 steps instead of the configured {warm} (a x1, b x1)" in md
+
+
+def test_unresolvable_arms_serve_only_unresolvable_claims():
+    """An arm a sweep leaves out (UNRESOLVABLE_ARMS) must serve no claim the power analysis, from the committed
+    pilot, finds resolvable; planned_arms leaves it out unless forced, and SKIP_UNRESOLVABLE leaves out all."""
+    mods = [sweep.load_experiment(e) for e in sweep.EXPERIMENTS]
+    rows = {(r["experiment"], r["claim"]["id"]): r for r in sweep.power_rows(mods)}
+    checked = 0
+    for mod in mods:
+        for arm in getattr(mod, "UNRESOLVABLE_ARMS", ()):
+            assert arm in mod.ARMS
+            claims = [c for c in mod.CLAIMS if arm in (c.get("a"), c.get("b"))]
+            assert claims, f"{mod.EXPERIMENT}/{arm} serves no claim at all"
+            for c in claims:
+                r = rows[(mod.EXPERIMENT, c["id"])]
+                assert r["needed"] > r["n_run"], f"{mod.EXPERIMENT}/{arm}: claim {c['id']} is resolvable"
+            assert arm not in sweep.planned_arms(mod) and arm in sweep.planned_arms(mod, force=True)
+            checked += 1
+        if getattr(mod, "SKIP_UNRESOLVABLE", False):
+            assert sweep.planned_arms(mod) == [] and sweep.planned_arms(mod, force=True) == list(mod.ARMS)
+    assert checked >= 1
