@@ -793,7 +793,7 @@ def claim_noise(mod, claim: dict, noise: Dict[str, dict]) -> Optional[dict]:
         pa = base.derived_values(mod.get_config(claim["a"]))["params_total"]
         pb = base.derived_values(mod.get_config(claim["b"]))["params_total"]
         kind = "same_init" if pa == pb else "different_init"
-    return noise.get(kind)
+    return noise.get(getattr(_pilot_module(), "NOISE_AT_BASE", {}).get(kind, kind))
 
 
 def power_rows(mods, results_root: str = RESULTS) -> List[dict]:
