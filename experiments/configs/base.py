@@ -14,21 +14,28 @@ and is run by hand (one arm, one seed) with
 
 or by ``python -m experiments.sweep balancing`` (every arm x seed, resumable, then the tables).
 
-The base model ("cpu-base") is the V3 topology shrunk until one run fits in about 7 minutes on one CPU core: MLA
-with q compression, 1 dense + 2 MoE layers, 1 shared + 16 routed experts (top-4 in 4 groups, 2 kept), sigmoid
-router, byte tokens, sequence 128, batch 16 (2,048 tokens/step), 1,500 steps (3.07M tokens). MTP is off in the base
-(mtp.py turns it on). Deviations from the paper's recipe, all forced by runs that are ~10^6 times shorter: peak LR
-PEAK_LR = 1e-3 (chosen by the pilot) with 100 warmup steps (paper 2.2e-4 / 2000), the paper's LR phases otherwise
-mapped onto the run's steps, bias speed GAMMA (paper 0.001; chosen by the pilot in pilot.py), FIM off (it would only
-add noise to a validation loss this short). docs/experiments.md says why each number is what it is. Claims (CLAIMS
-in each experiment file) are dicts read by experiments/sweep.py: id, claim a short name and the sentence the paper
-makes paper the paper's number(s), with the source metric a key of the final validation record (loss, bpb,
-max_vio_global) or of the run's derived values (kv_bytes_per_token, params_total, ...) a, b the two arms compared
-(mean_a - mean_b) expect "less" (paper: a < b), "equal" (paper: no difference), "rel_within" (|a - b| <= tol |b|),
-"power_law" (scaling) tol the tolerance of "equal" (default 1%) / "rel_within", relative to |mean_b| paper_rel
-optional: the paper's effect as a relative difference (a - b) / b, for the power analysis (experiments/power.py);
-absent where the paper's numbers are not transcribed noise optional: the pilot contrast standing for the claim's
-noise ("same_init" / "different_init"; default: by whether the arms' parameter counts agree)
+The base model ("cpu-base") is the V3 topology shrunk until one run fits in about 7 minutes on one CPU core:
+MLA with q compression, 1 dense + 2 MoE layers, 1 shared + 16 routed experts (top-4 in 4 groups, 2 kept),
+sigmoid router, byte tokens, sequence 128, batch 16 (2,048 tokens/step), 1,500 steps (3.07M tokens). MTP is off
+in the base (mtp.py turns it on). Deviations from the paper's recipe, all forced by runs that are ~10^6 times
+shorter: peak LR PEAK_LR = 1e-3 (chosen by the pilot) with 100 warmup steps (paper 2.2e-4 / 2000), the paper's
+LR phases otherwise mapped onto the run's steps, bias speed GAMMA (paper 0.001; chosen by the pilot in pilot.py),
+FIM off (it would only add noise to a validation loss this short). docs/experiments.md says why each number is
+what it is.
+
+Claims (CLAIMS in each experiment file) are dicts read by experiments/sweep.py:
+  id, claim         a short name and the sentence the paper makes
+  paper             the paper's number(s), with the source
+  metric            a key of the final validation record (loss, bpb, max_vio_global) or of the run's
+                    derived values (kv_bytes_per_token, params_total, ...)
+  a, b              the two arms compared (mean_a - mean_b)
+  expect            "less" (paper: a < b), "equal" (paper: no difference), "rel_within" (|a - b| <= tol |b|),
+                    "power_law" (scaling)
+  tol               the tolerance of "equal" (default 1%) / "rel_within", relative to |mean_b|
+  paper_rel         optional: the paper's effect as a relative difference (a - b) / b, for the power analysis
+                    (experiments/power.py); absent where the paper's numbers are not transcribed
+  noise             optional: the pilot contrast standing for the claim's noise ("same_init" / "different_init";
+                    default: by whether the arms' parameter counts agree)
 """
 
 from __future__ import annotations
