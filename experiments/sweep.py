@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from deepseek_jax.data import corpus as corpus_lib
 from experiments import power
@@ -739,10 +739,10 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                 stats = arm_stats(rows, claim["metric"]) if rows else {}
             v = verdict(claim, stats, rows) if rows or any(s.get("derived") for s in stats.values()) else None
             power_note = unresolvable.get((mod.EXPERIMENT, claim.get("id")))
+            label = None
             if power_note is not None:
-                power_note = (f" Power analysis (before the runs): not resolvable at CPU scale, the target "
-                              f"{_fmt(power_note['target'])} is below the MDD {_fmt(power_note['mdd'])} at "
-                              f"{power_note['n_run']} seeds (needs {_fmt(power_note['needed'])}).")
+                label, reason = unresolvable_text(power_note)
+                power_note = f" Power analysis (before the runs): {label}, {reason}."
             if v is None:
                 have = {a: s["n"] for a, s in stats.items()}
                 arms = [claim["a"], claim["b"]] if "a" in claim else list(mod.ARMS)
@@ -752,7 +752,7 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                 if power_note and unplanned:
                     why_not = ("`SKIP_UNRESOLVABLE`" if getattr(mod, "SKIP_UNRESOLVABLE", False) else
                                f"`UNRESOLVABLE_ARMS`: {', '.join(unplanned)}")
-                    row = (claim["claim"], claim["paper"], "not run", "**not resolvable at CPU scale**",
+                    row = (claim["claim"], claim["paper"], "not run", f"**{label}**",
                            power_note.strip() + f" Its runs are not made ({why_not} in the experiment "
                            f"file); `{cmd} --force` would make them.")
                 else:
@@ -794,6 +794,21 @@ def claim_noise(mod, claim: dict, noise: Dict[str, dict]) -> Optional[dict]:
         pb = base.derived_values(mod.get_config(claim["b"]))["params_total"]
         kind = "same_init" if pa == pb else "different_init"
     return noise.get(getattr(_pilot_module(), "NOISE_AT_BASE", {}).get(kind, kind))
+
+
+# The most seeds per arm one claim could be given within the suite's ~12 CPU-hour budget (docs/experiments.md
+# "Compute budget": a 1,500-step base run is ~8 CPU-minutes, so 10 seeds x 2 arms are ~3 CPU-hours for one claim).
+AFFORDABLE_SEEDS = 10
+
+
+def unresolvable_text(r: dict) -> Tuple[str, str]:
+    """(label, reason) of a power row whose claim needs more seeds than it runs: "not resolvable at CPU scale"
+    when it needs more than AFFORDABLE_SEEDS, else "not resolvable at the seeds run"."""
+    needed = _fmt(r["needed"]) if math.isfinite(r["needed"]) else "inf"
+    why = f"the target {_fmt(r['target'])} is below the MDD {_fmt(r['mdd'])} at {r['n_run']} seeds (needs {needed}"
+    if r["needed"] > AFFORDABLE_SEEDS:
+        return "not resolvable at CPU scale", why + f", more than the {AFFORDABLE_SEEDS} a claim can have in budget)"
+    return "not resolvable at the seeds run", why + ", not run within this suite's budget)"
 
 
 def power_rows(mods, results_root: str = RESULTS) -> List[dict]:
@@ -855,9 +870,7 @@ def power_markdown(mods, results_root: str = RESULTS) -> List[str]:
                          f"{r['n_run']} | - | - | - |")
             continue
         if "needed" in r:
-            ok = r["needed"] <= r["n_run"]
-            verdict = ("resolvable" if ok else f"**not resolvable at CPU scale**: the target "
-                       f"{_fmt(r['target'])} is below the MDD {_fmt(r['mdd'])} at {r['n_run']} seeds")
+            verdict = "resolvable" if r["needed"] <= r["n_run"] else "**%s**: %s" % unresolvable_text(r)
             target, needed = f"{r['target_txt']} = {_fmt(r['target'])}", _fmt(r["needed"]) \
                 if math.isfinite(r["needed"]) else "inf"
         else:

@@ -34,8 +34,9 @@ ARMS = {
                              "train.balance.gamma": PAPER_GAMMA},
 }
 # batch_aux serves only the two validation-loss claims about the batch-wise loss, which the power analysis finds
-# unresolvable at CPU scale (RESULTS.md "Power": the paper's 0.22% effect and a 1% equivalence band need ~1,200 and
-# ~60 seeds at the pilot's paired noise): not run by a sweep unless --force (experiments/sweep.py, planned_arms).
+# unresolvable with this suite's 3 seeds (RESULTS.md "Power": the paper's 0.22% effect needs ~140 seeds, the 1%
+# equivalence band 7 for its MDD alone, at the pilot's paired noise): not run by a sweep unless --force
+# (experiments/sweep.py, planned_arms).
 UNRESOLVABLE_ARMS = ("batch_aux",)
 # Paper scale (``<arm>,scale=paper``, base.paper_base_config: the 15.7B MoE, V3's recipe; for a cluster): the
 # papers' own strengths, gamma 0.001 (V3 §2.1.2) and alpha 0.001 for the aux-loss baselines (LF §4.1; V3 §4.5.2

@@ -10,10 +10,9 @@ available" instead of running it.
 from experiments.configs import base
 
 EXPERIMENT = "fp8"
-# The power analysis (RESULTS.md "Power": the pilot's paired noise) finds that
-# FP8's equivalence claim (loss within 0.25%)
-# needs far more seeds than a CPU budget allows (~60 for a 1% band, ~950 for 0.25%, at the pilot's paired SD),
-# so the sweep spends no CPU-hours on it; `python -m experiments.sweep fp8 --force` runs the arms anyway.
+# The power analysis (RESULTS.md "Power": the pilot's paired noise at the base's LR) finds that FP8's
+# equivalence claim (loss within 0.25%) needs ~110 seeds per arm, far more than a CPU budget allows, so the sweep
+# spends no CPU-hours on it; `python -m experiments.sweep fp8 --force` runs the arms anyway.
 SKIP_UNRESOLVABLE = True
 SEEDS = base.SEEDS
 ARMS = {

@@ -8,10 +8,10 @@ the main head alone).
 from experiments.configs import base
 
 EXPERIMENT = "mtp"
-# The power analysis (RESULTS.md "Power": the pilot's paired noise) finds that
-# MTP's equivalence claim (BPB within 1%)
-# needs far more seeds than a CPU budget allows (~60 for a 1% band, ~950 for 0.25%, at the pilot's paired SD),
-# so the sweep spends no CPU-hours on it; `python -m experiments.sweep mtp --force` runs the arms anyway.
+# The power analysis (RESULTS.md "Power": the pilot's paired noise at the base's LR) finds that MTP's equivalence
+# claim (BPB within 1%) needs 7 seeds per arm for its MDD to reach the band, and more for |d| + 2 SE to fit inside
+# it; with MTP's ~50% dearer step that is over 2 CPU-hours for one claim, outside this suite's budget, so the sweep
+# spends nothing on it; `python -m experiments.sweep mtp --force` runs the arms anyway.
 SKIP_UNRESOLVABLE = True
 SEEDS = base.SEEDS
 ARMS = {
