@@ -430,8 +430,10 @@ def verdict(claim: dict, stats: Dict[str, Dict[str, float]], rows: Optional[List
             return "contradicted", ours, "loss does not fall with compute in these runs."
         shape = ("not monotonically" if not monotone else "the fit is poor" if r2 < 0.9 else
                  "the exponent's 95% CI reaches 0")
+        mde = (f"; minimum detectable exponent at {ci['n']} seeds (the 95% CI's half-width): "
+               f"{(ci['hi'] - ci['lo']) / 2:.4f}" if ci else "")
         return ("not at this scale", ours, f"loss falls but {shape} (R² {r2:.3f}; the rule needs R² >= 0.9, "
-                f"monotone arm means and a CI below 0).")
+                f"monotone arm means and a CI below 0{mde}).")
     a, b = claim["a"], claim["b"]
     if a not in stats or b not in stats or min(stats[a]["n"], stats[b]["n"]) < MIN_SEEDS:
         return None
