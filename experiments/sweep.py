@@ -697,17 +697,17 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
         rows = collect(mod, results_root)
         sec = [f"## {mod.EXPERIMENT}", "", " ".join((mod.__doc__ or "").strip().split("\n\n")[0].split()), ""]
         machines = {}
+        stale = stale_runs(mod, results_root)
         for arm in mod.ARMS:
             for name in sorted(os.listdir(os.path.join(results_root, mod.EXPERIMENT, "runs", arm))) if os.path.isdir(
                     os.path.join(results_root, mod.EXPERIMENT, "runs", arm)) else []:
                 p = os.path.join(results_root, mod.EXPERIMENT, "runs", arm, name, "sweep.json")
-                if os.path.exists(p):
+                if os.path.exists(p) and f"{arm}/{name}" not in stale:  # the machines of the current runs
                     with open(p) as f:
                         sw = json.load(f)
-                    m = sw.get("machine") or {}
-                    machines.setdefault((m.get("cpu"), m.get("cpu_count"), m.get("python"), m.get("jax"),
-                                         m.get("backend")), set()).add(sw.get("code_version"))
-        stale = stale_runs(mod, results_root)
+                    m = sw.get("machine") or {}  # the machine's core count: "cpu_count" in older runs' records
+                    machines.setdefault((m.get("cpu"), m.get("cpu_count", m.get("cores")), m.get("python"),
+                                         m.get("jax"), m.get("backend")), set()).add(sw.get("code_version"))
         if stale:
             capped_total.append(len(stale))
             sec += [f"Stale: {len(stale)} committed run(s) were made with a config the experiment file no longer "
