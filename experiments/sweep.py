@@ -48,6 +48,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -563,6 +564,35 @@ def _plot(mod, rows, out, results_root) -> None:
         plt.close(fig)
 
 
+def maxvio_trajectory_markdown(mod, rows: List[dict], results_root: str = RESULTS) -> List[str]:
+    """For an experiment with TRAJECTORIES: MaxVio_global at every validation step, mean +- sample std over each
+    arm's current runs (``rows``), so the course of the balance is in numbers beside its plot; the verdicts read
+    only the final evaluation."""
+    seeds = {}
+    for r in rows:
+        seeds.setdefault(r["arm"], []).append(r["seed"])
+    cols, table = None, {}
+    for arm, ss in seeds.items():
+        vals = [_read_jsonl(os.path.join(run_dir(results_root, mod.EXPERIMENT, arm, s), "validation.jsonl"))
+                for s in ss]
+        vals = [v for v in vals if v and "max_vio_global" in v[-1]]
+        if not vals:
+            continue
+        k = min(len(v) for v in vals)
+        cols = cols or [rec["step"] for rec in vals[0][:k]]
+        table[arm] = [[v[i]["max_vio_global"] for v in vals] for i in range(min(k, len(cols)))]
+    if not table:
+        return []
+    out = ["MaxVio_global on the validation set at every evaluation (mean ± sample std over seeds; the verdicts "
+           "read the last one):", "", "| arm | n | " + " | ".join(f"step {c}" for c in cols) + " |",
+           "|---|---|" + "---|" * len(cols)]
+    for arm, per_step in table.items():
+        cells = [f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+                 for xs in per_step]
+        out.append(f"| {arm} | {len(per_step[0])} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def plot_balance_trajectories(experiment: str, arms: Sequence[str], results_root: str, path: str,
                               title: str) -> bool:
     """MaxVio_batch (training batches, every logged step), MaxVio_global (validation set) and the router bias's
@@ -731,6 +761,8 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                            f"(git HEAD at "
                            f"the start of each run): {', '.join(sorted(str(c) for c in codes))}.")
             sec.append("")
+        if getattr(mod, "TRAJECTORIES", False):
+            sec += maxvio_trajectory_markdown(mod, rows, results_root)
         sec += ["| claim | paper | ours | verdict | why |", "|---|---|---|---|---|"]
         for claim in mod.CLAIMS:
             if claim["metric"] in DERIVED and "a" in claim:  # a property of the arms' configs: no run needed

@@ -262,3 +262,23 @@ def test_unresolvable_arms_serve_only_unresolvable_claims():
         if getattr(mod, "SKIP_UNRESOLVABLE", False):
             assert sweep.planned_arms(mod) == [] and sweep.planned_arms(mod, force=True) == list(mod.ARMS)
     assert checked >= 1
+
+
+def test_maxvio_trajectory_table_is_mean_and_sd_per_step(tmp_path):
+    """The balancing section's MaxVio_global table: per arm and validation step, the mean and sample std over the
+    arm's runs, against statistics on the values written (steps common to all runs only)."""
+    import types
+    mod = types.SimpleNamespace(EXPERIMENT="x")
+    vals = {("a", 0): [0.9, 0.5, 0.2], ("a", 1): [1.1, 0.3, 0.4, 9.9], ("b", 0): [1.0, 2.0, 3.0]}
+    for (arm, seed), vs in vals.items():
+        d = tmp_path / "x" / "runs" / arm / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "validation.jsonl").write_text("".join(json.dumps({"step": 10 * i, "max_vio_global": v}) + "\n"
+                                                    for i, v in enumerate(vs)))
+    rows = [{"arm": a, "seed": s} for a, s in vals]
+    lines = sweep.maxvio_trajectory_markdown(mod, rows, str(tmp_path))
+    assert "| arm | n | step 0 | step 10 | step 20 |" in lines
+    row_a = next(ln for ln in lines if ln.startswith("| a |"))
+    want = [f"{statistics.mean(p):.3f} ± {statistics.stdev(p):.3f}" for p in ((0.9, 1.1), (0.5, 0.3), (0.2, 0.4))]
+    assert row_a == "| a | 2 | " + " | ".join(want) + " |"
+    assert next(ln for ln in lines if ln.startswith("| b |")) == "| b | 1 | 1.000 | 2.000 | 3.000 |"
