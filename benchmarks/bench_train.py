@@ -259,6 +259,8 @@ def worker(spec: dict) -> int:
                                              {"ok": True})[1]
         else:
             shape = spec["shape"]
+            if spec.get("root"):  # --baseline: this contender's deepseek_jax comes from another checkout
+                sys.path.insert(0, spec["root"])
             if kind == "ours":
                 from deepseek_jax import compat
                 if spec.get("xla_flags") is not None:  # --xla-flags: exactly these
@@ -272,7 +274,9 @@ def worker(spec: dict) -> int:
                 import jaxlib
                 cfg, step, box, compile_s, compiled = build_ours(shape, spec["mtp"], spec["dispatch"])
                 fl = flops_per_token(cfg, bool(spec["mtp"]), shape["seq"])
+                from deepseek_jax.provenance import git_rev
                 info = {"compile_s": compile_s, "flops": fl, "total_params": fl["total_params"],
+                        "code": git_rev(os.path.dirname(os.path.dirname(compat.__file__))),
                         "activated_params": fl["activated_params"], "scan_unroll": cfg.scan_unroll,
                         "moe_dispatch": cfg.moe_dispatch, "mtp": cfg.num_nextn_predict_layers,
                         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
@@ -426,6 +430,9 @@ def run_shape(shape: dict, args) -> dict:
     for flags in (args.xla_flags.split(";") if args.xla_flags else []):
         specs.append((f"deepseek_jax (no MTP, XLA_FLAGS={flags.strip()!r})",
                       {"kind": "ours", "mtp": 0, "xla_flags": flags.strip()}))
+    if args.baseline:
+        specs.append((f"deepseek_jax (no MTP) at the baseline checkout {args.baseline}",
+                      {"kind": "ours", "mtp": 0, "cpu_flags": True, "root": os.path.abspath(args.baseline)}))
     if args.mtp:
         specs.append(("deepseek_jax (MTP D=1)", {"kind": "ours", "mtp": 1, "cpu_flags": True}))
     for experts in args.experts.split(","):
@@ -445,6 +452,8 @@ def run_shape(shape: dict, args) -> dict:
                 print(f"ready: {name}: built in {info['build_s']:.1f} s, {info['threads']['torch']} torch threads, "
                       f"params {info['total_params']:,}, warmup losses {info['warmup_losses']}", flush=True)
             else:
+                if spec.get("root"):
+                    name = w.name = f"deepseek_jax (no MTP) at code {info['code']} (--baseline {args.baseline})"
                 print(f"ready: {name}: compiled in {info['compile_s']:.1f} s, params total {info['total_params']:,} "
                       f"activated {info['activated_params']:,}, scan_unroll {info['scan_unroll']}, moe_dispatch "
                       f"{info['moe_dispatch']}, warmup losses {info['warmup_losses']}", flush=True)
@@ -506,7 +515,7 @@ def run_shape(shape: dict, args) -> dict:
         ratios = [h / t for h, t in zip(times[hf_name], ts)]
         keep = {k: info[k] for k in ("kind", "mtp", "compile_s", "build_s", "total_params", "activated_params",
                                      "scan_unroll", "moe_dispatch", "attn_implementation", "experts_implementation",
-                                     "threads", "versions", "warmup_losses") if k in info}
+                                     "threads", "versions", "warmup_losses", "code") if k in info}
         rows.append({"name": name, "step_ms_median": med * 1e3, "step_ms_min": min(ts) * 1e3,
                      "step_ms_all": [t * 1e3 for t in ts], "tokens_per_s": tps, "tokens_per_s_best": tokens / min(ts),
                      "speedup_vs_transformers": statistics.median(ratios),
@@ -598,6 +607,9 @@ def main(argv=None):
     ap.add_argument("--xla-defaults", action="store_true",
                     help="also time ours without deepseek_jax.compat.CPU_XLA_FLAGS (XLA's own CPU defaults)")
     ap.add_argument("--dispatch", default="auto", help="our moe_dispatch (auto = sorted_tiles on CPU)")
+    ap.add_argument("--baseline", default="",
+                    help="a second checkout (e.g. a git worktree of an earlier commit): its deepseek_jax is timed "
+                         "as one more contender, in its own process and rounds like the others (an A/B of a change)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: os.cpu_count())")
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, our step's per-op breakdown (benchmarks/profile_ops.py)")
