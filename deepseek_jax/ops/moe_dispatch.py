@@ -108,15 +108,6 @@ def _take(w, e):
     return jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
 
 
-def _loop_zeros(shape, dtype, n_used, i: int):
-    """Zeros for a tile loop's carried buffer: min(n_used + i, 0) = 0 broadcast, an expression of this loop's own
-    ``n_used`` and of the buffer's own index ``i``. A plain ``jnp.zeros`` of the same shape in every loop (the
-    layers' forward and backward loops, the gate and up gradients) is folded by XLA into one buffer, which every
-    while loop then copies before its first iteration: megabytes per layer and pass for nothing (BUILD.md "CPU
-    speed")."""
-    return jnp.broadcast_to(jnp.minimum(n_used + i, 0).astype(dtype), shape)
-
-
 def _tiled_ffn_forward(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used, keep: bool):
     """Loop over the used tiles only: tile t's rows times expert tile_e[t]'s weights (sliced, not gathered)."""
     K = dest_nk.shape[1]
@@ -140,9 +131,9 @@ def _tiled_ffn_forward(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used, keep: boo
 
     out_dt = jnp.result_type(x_nd.dtype, wd.dtype)
     act_dt = jnp.result_type(x_nd.dtype, wg.dtype)
-    init = (_loop_zeros((P, d), out_dt, n_used, 0),)
+    init = (jnp.zeros((P, d), out_dt),)
     if keep:
-        init += (_loop_zeros((P, F), act_dt, n_used, 1), _loop_zeros((P, F), act_dt, n_used, 2))
+        init += (jnp.zeros((P, F), act_dt), jnp.zeros((P, F), act_dt))
     out = jax.lax.fori_loop(0, n_used, body, init)
     return out[0][dest_nk], (x_pad,) + tuple(out[1:])
 
@@ -198,8 +189,7 @@ def _tiled_ffn_bwd(res, ct_nkd):
         dx_pad = jax.lax.dynamic_update_slice_in_dim(dx_pad, dx_t, r0, 0)
         return dx_pad, dwg, dwu, dwd
 
-    init = (_loop_zeros((P, d), f32, n_used, 3), _loop_zeros(wg.shape, f32, n_used, 4),
-            _loop_zeros(wu.shape, f32, n_used, 5), _loop_zeros(wd.shape, f32, n_used, 6))
+    init = (jnp.zeros((P, d), f32), jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32), jnp.zeros(wd.shape, f32))
     dx_pad, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
     dx = dx_pad[dest_nk].sum(1)  # each token's K routed rows
     return (dx.astype(x_nd.dtype), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype),
