@@ -773,7 +773,6 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                 stats = arm_stats(rows, claim["metric"]) if rows else {}
             v = verdict(claim, stats, rows) if rows or any(s.get("derived") for s in stats.values()) else None
             power_note = unresolvable.get((mod.EXPERIMENT, claim.get("id")))
-            label = None
             if power_note is not None:
                 label, reason = unresolvable_text(power_note)
                 power_note = f" Power analysis (before the runs): {label}, {reason}."
@@ -1076,11 +1075,12 @@ def main(argv=None) -> int:
                     print(f"[sweep] {mod.EXPERIMENT}: not run: the power analysis finds its claims unresolvable at "
                           f"CPU scale (RESULTS.md 'Power'; SKIP_UNRESOLVABLE in its config); --force runs it")
                     continue
-                skipped_arms = [a for a in mod.ARMS if a not in planned_arms(mod, args.force)]
+                planned = planned_arms(mod, args.force)
+                skipped_arms = [a for a in mod.ARMS if a not in planned]
                 if skipped_arms and not arms:
                     print(f"[sweep] {mod.EXPERIMENT}: arms {skipped_arms} not run: they serve only claims the power "
                           f"analysis finds unresolvable (UNRESOLVABLE_ARMS in its config); --force runs them")
-                t, sk = plan_runs(mod, arms or planned_arms(mod, args.force), seeds, rerun_stale=args.rerun_stale)
+                t, sk = plan_runs(mod, arms or planned, seeds, rerun_stale=args.rerun_stale)
                 tasks += t
                 skipped += len(sk)
             print(f"[sweep] {len(tasks)} run(s) to do, {skipped} already finished")
