@@ -799,6 +799,8 @@ def results_markdown(mods, results_root: str = RESULTS) -> str:
                     if vse is not None:
                         why += f" Validation-set SE of the difference: {_fmt(vse)}."
                 row = (claim["claim"], claim["paper"], v[1], f"**{v[0]}**", why + (power_note or ""))
+            if claim.get("revision"):  # a claim added to the list: when and why, in its own row
+                row = row[:4] + (row[4] + f" Revised list: {claim['revision']}",)
             sec.append("| " + " | ".join(row) + " |")
             summary.append(f"| {mod.EXPERIMENT} | {claim['claim']} | {claim['paper']} | {row[2]} | {row[3]} |")
         sec.append("")

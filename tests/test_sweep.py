@@ -99,6 +99,8 @@ ARMS = {{"a": {{"loop.log_every": 1}}, "b": {{"loop.log_every": 2}}, "c": {{}}}}
 CLAIMS = [
     dict(id="ab", metric="loss", a="a", b="b", expect="less", claim="A beats B", paper="1.0 vs 2.0 [toy]"),
     dict(id="ac", metric="loss", a="a", b="c", expect="less", claim="A beats C", paper="1.0 vs 3.0 [toy]"),
+    dict(id="ab2", metric="loss", a="a", b="b", expect="less", claim="A beats B again", paper="1.0 vs 2.0 [toy]",
+         revision="added for the test"),
 ]
 TOTAL = {total}
 
@@ -191,6 +193,9 @@ def test_toy_tables_match_logged_losses(toy):
     assert f"{statistics.mean(finals['a']):.4f}".rstrip("0")[:5] in row_ab
     row_ac = next(line for line in md.splitlines() if line.startswith("| A beats C"))
     assert "not run yet" in row_ac and "--arms a,c" in row_ac and "'c': 0" in row_ac
+    assert "Revised list" not in row_ab
+    row_ab2 = next(line for line in md.splitlines() if line.startswith("| A beats B again"))
+    assert row_ab2.endswith("Revised list: added for the test |") and row_ab2.split(" | ")[2] == row_ab.split(" | ")[2]
 
 
 def test_second_sweep_skips_finished_runs(toy):
