@@ -8,12 +8,14 @@ the main head alone).
 from experiments.configs import base
 
 EXPERIMENT = "mtp"
-# The power analysis (RESULTS.md "Power": the pilot's paired noise at the base's LR) finds that MTP's equivalence
-# claim (BPB within 1%) needs 7 seeds per arm for its MDD to reach the band, and more for |d| + 2 SE to fit inside
-# it; with MTP's ~50% dearer step that is over 2 CPU-hours for one claim, outside this suite's budget, so the sweep
-# spends nothing on it; `python -m experiments.sweep mtp --force` runs the arms anyway.
-SKIP_UNRESOLVABLE = True
-SEEDS = base.SEEDS
+# Seeds: the power analysis (RESULTS.md "Power": the pilot's paired noise at the base's LR) finds that MTP's
+# equivalence claim (BPB within 1%) needs 7 seeds per arm for its MDD to reach the band. The first plan left the
+# claim out of the budget (~2.5 CPU-hours at MTP's ~50% dearer step, while scaling was estimated at 3.5). Scaling
+# then cost about 1.3, which freed that budget; so the claim runs at the 7 seeds the analysis asked for, a number
+# fixed here before any run at this recipe (the committed 300-step runs of the first design are stale and count in
+# no verdict). With 7 seeds the band can be resolved only if the realised noise is at most the pilot's; a gap
+# beyond the band and beyond 2 SE would be decisive the other way.
+SEEDS = tuple(range(7))
 ARMS = {
     "none": {"model.overrides.num_nextn_predict_layers": 0},
     "mtp1": {"model.overrides.num_nextn_predict_layers": 1},  # lambda 0.3 -> 0.1 at 10/14.8 of the run
