@@ -11,7 +11,7 @@ EXPERIMENT = "mtp"
 # Seeds: the power analysis (RESULTS.md "Power": the pilot's paired noise at the base's LR) finds that MTP's
 # equivalence claim (BPB within 1%) needs 7 seeds per arm for its MDD to reach the band. The first plan left the
 # claim out of the budget (~2.5 CPU-hours at MTP's ~50% dearer step, while scaling was estimated at 3.5). Scaling
-# then cost about 1.3, which freed that budget; so the claim runs at the 7 seeds the analysis asked for, a number
+# then cost 1.17, which freed that budget; so the claim runs at the 7 seeds the analysis asked for, a number
 # fixed here before any run at this recipe (the committed 300-step runs of the first design are stale and count in
 # no verdict). With 7 seeds the band can be resolved only if the realised noise is at most the pilot's; a gap
 # beyond the band and beyond 2 SE would be decisive the other way.
