@@ -62,7 +62,7 @@ from deepseek_jax.train.loop import run as run_training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
-EXPERIMENTS = ("balancing", "mtp", "fp8", "attention", "moe", "scaling")
+EXPERIMENTS = ("balancing", "mtp", "fp8", "attention", "moe", "moe_confirm", "scaling")
 MIN_SEEDS = 3
 COPIED = ("config.json", "metrics.jsonl", "validation.jsonl", "summary.json")
 METRICS = ("loss", "bpb", "max_vio_global")
