@@ -180,3 +180,71 @@ def test_bf16_moments_track_fp32():
         moved = np.abs(np.asarray(a) - np.asarray(x0)).max()
         assert moved > 0.1
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=0.02 * moved)
+
+
+def _moments_state(opt, params, mu, nu, count):
+    """opt.init(params) with the Adam moments and count replaced."""
+    return tuple(optax.ScaleByAdamState(count=jnp.asarray(count, jnp.int32), mu=mu, nu=nu)
+                 if isinstance(s, optax.ScaleByAdamState) else s for s in opt.init(params))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(peak_lr=1e3, eps=1e-3), dict(clip_norm=None), dict(bf16_moments=True, weight_decay=0.0),
+    dict(b1=0.5, b2=0.999, peak_lr=1e10)])
+def test_update_bounds_hold(kw):
+    """optimizer.update_bounds (norms of the inputs only) bounds the real update's norm and the real v_hat, checked
+    in float64 on the update make_optimizer computes, over states of very different scales: moments of any size
+    (not only Adam's own history), a first step (bias correction at its largest) and later ones."""
+    cfg = _opt_cfg(**kw)
+    opt = O.make_optimizer(cfg)
+    rng = np.random.default_rng(0)
+    b2 = float(cfg.b2)
+    for trial in range(12):
+        scale = lambda: 10.0 ** rng.uniform(-6, 3)
+        params = {"w": jnp.asarray(rng.normal(size=(6, 5)) * scale(), jnp.float32),
+                  "norm": {"scale": jnp.asarray(rng.normal(size=(5,)) * scale(), jnp.float32)}}
+        draw = lambda s: jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape) * s, jnp.float32),
+                                                params)
+        grads = draw(scale())
+        count = int(rng.integers(0, 50))
+        nu = jax.tree_util.tree_map(jnp.abs, draw(scale()))
+        state = _moments_state(opt, params, draw(scale()), nu, count)
+        grad_norm = optax.global_norm(grads)
+        lr = O.schedule_from_config(cfg)(count)
+        upd, new_state = opt.update(grads, state, params, step=count)
+        bound_u, bound_v = (float(b) for b in O.update_bounds(cfg, params, state, grad_norm, lr))
+        norm_u = np.sqrt(sum(np.sum(np.asarray(u, np.float64) ** 2) for u in jax.tree_util.tree_leaves(upd)))
+        nu_new = O.adam_moments(new_state)[1]
+        v_hat = max(np.max(np.asarray(v, np.float64)) for v in jax.tree_util.tree_leaves(nu_new)) / (1 - b2 ** (count + 1))
+        assert np.isfinite(norm_u) and norm_u <= bound_u * (1 + 1e-5), (trial, norm_u, bound_u)
+        assert v_hat <= bound_v * (1 + 1e-5), (trial, v_hat, bound_v)
+    # where the bound is tight: the first update, zero gradient, second moment and params, so every element of the
+    # update is -lr * m_hat / eps with m_hat = b1 m / (1 - b1): a bound too small by any factor fails here
+    params = {"w": jnp.zeros((3, 4)), "norm": {"scale": jnp.zeros((4,))}}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    mu = {"w": jnp.full((3, 4), 1e-3), "norm": {"scale": jnp.full((4,), -2e-3)}}
+    state = _moments_state(opt, params, mu, zeros, 0)
+    lr = O.schedule_from_config(cfg)(0)
+    upd, _ = opt.update(zeros, state, params, step=0)
+    norm_u = np.sqrt(sum(np.sum(np.asarray(u, np.float64) ** 2) for u in jax.tree_util.tree_leaves(upd)))
+    bound_u = float(O.update_bounds(cfg, params, state, jnp.float32(0.0), lr)[0])
+    assert bound_u * (1 - 1e-4) <= norm_u <= bound_u * (1 + 1e-5), (norm_u, bound_u)
+
+
+def test_update_surely_finite_is_false_where_it_cannot_prove():
+    """The proof needs eps > 0 and a moderate lr; without them it answers False (the caller then checks the update
+    itself), never True."""
+    params = {"w": jnp.ones((4, 4))}
+    g = {"w": jnp.full((4, 4), 0.1)}
+    for kw, expect in ((dict(), True), (dict(eps=0.0), False), (dict(peak_lr=1e30), False),
+                       (dict(b2=1.0), False)):
+        cfg = _opt_cfg(**kw)
+        opt = O.make_optimizer(cfg)
+        state = opt.init(params)
+        got = O.update_surely_finite(cfg, params, state, optax.global_norm(g), O.schedule_from_config(cfg)(0))
+        assert bool(got) is expect, kw
+    cfg = _opt_cfg()
+    state = O.make_optimizer(cfg).init(params)
+    huge = {"w": jnp.full((4, 4), 1e35)}
+    assert not bool(O.update_surely_finite(cfg, huge, state, optax.global_norm(g), 0.1))
+    assert not bool(O.update_surely_finite(cfg, params, state, jnp.float32(jnp.inf), 0.1))

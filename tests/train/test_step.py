@@ -278,3 +278,45 @@ def test_schedule_follows_command_line_overrides():
     # nothing schedule-related overridden: untouched
     tc = copy.deepcopy(base)
     assert rederive_schedule(base, tc, {"balance.gamma"}) == [] and tc == base
+
+
+def test_update_lands_decides_as_the_direct_check():
+    """step.update_lands (a proof from input norms, else the update recomputed and checked) against the direct
+    check of the update it guards: its norm, the new params and moments all finite. Covered: a normal step (the
+    proof), eps 1e-30 (no proof, a finite update: the check path says True), lr 1e30 (per-element finite, norm
+    inf: False), and a step already refused (``ok`` False: nothing to decide)."""
+    import optax
+    from deepseek_jax.train import optimizer as O
+    from deepseek_jax.train.step import all_finite, apply_optimizer, update_lands
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8), "n": {"scale": jnp.ones((8,))}}
+    grads = jax.tree_util.tree_map(lambda p: 0.01 * jnp.cos(p), params)
+    for kw, expect in ((dict(), True), (dict(eps=1e-30), True), (dict(peak_lr=1e30), False)):
+        tc = _train_cfg()
+        tc.optim.update(kw)
+        opt = O.make_optimizer(tc.optim)
+        state = opt.init(params)
+        gn = optax.global_norm(grads)
+        lr = O.schedule_from_config(tc.optim)(3)
+        p, s, u = apply_optimizer(opt, grads, state, params, 3)
+        direct = bool(jnp.isfinite(optax.global_norm(u)) & all_finite((p, s)))
+        proved = bool(O.update_surely_finite(tc.optim, params, state, gn, lr))
+        lands = jax.jit(lambda ok: update_lands(opt, tc.optim, grads, gn, state, params, 3, lr, ok))
+        assert direct is expect and bool(lands(jnp.asarray(True))) is expect, kw
+        assert proved is (not kw), kw  # the eps and lr cases go through the check path
+        assert bool(lands(jnp.asarray(False)))  # already refused: update_lands has nothing to add
+
+
+def test_guard_paths_land_the_same_state(setup, tiny_variables, monkeypatch):
+    """The train step with the finiteness proof switched off (every update recomputed and checked inside the
+    lax.cond branch) lands bit for bit the state of the normal step, which takes the proof."""
+    from deepseek_jax.train import step as step_lib
+    state, step, _, tokens = setup
+    fast, _ = step(state, _batch(tokens[:, None]))
+    monkeypatch.setattr(step_lib, "update_surely_finite", lambda *a: jnp.asarray(False))
+    slow_step = jax.jit(make_train_step(TINY, _train_cfg()))
+    slow, m = slow_step(state, _batch(tokens[:, None]))
+    assert float(m["nonfinite"]) == 0
+    for a, b in zip(_leaves((fast.params, fast.opt_state, fast.router)), _leaves((slow.params, slow.opt_state,
+                                                                                  slow.router))):
+        np.testing.assert_array_equal(a, b)
