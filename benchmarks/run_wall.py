@@ -29,7 +29,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HERE_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = (
     ("quickstart", "experiments/configs/quickstart.py", []),
-    ("base config, 300 steps", "experiments/configs/balancing.py:aux_free", ["--config.loop.progress=False"]),
+    # 300 steps (the base config itself now runs 1,500): the schedule's step-valued fields follow total_steps
+    ("base config, 300 steps", "experiments/configs/balancing.py:aux_free",
+     ["--config.loop.progress=False", "--config.train.total_steps=300"]),
 )
 
 
