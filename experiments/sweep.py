@@ -977,8 +977,8 @@ def budget_markdown(mods, results_root: str = RESULTS) -> List[str]:
              "The sweep runs two runs at a time, each on its own core (`--workers 2`); a run's wall time includes "
              "whatever else the machine did meanwhile. Still to run: the planned arms x seeds without a current "
              "run, estimated at the experiment's mean CPU-hours per finished run (the pilot's, where none has "
-             "finished). Budget: about 12 CPU-hours for the planned suite; moe_confirm, a confirmatory test added after "
-             "that suite had finished, runs on top of it (docs/experiments.md).", "",
+             "finished). Budget: about 12 CPU-hours for the planned suite; moe_confirm, a confirmatory test added "
+             "after that suite had finished, runs on top of it (docs/experiments.md).", "",
              "| experiment | runs done | CPU-hours | mean CPU-minutes a run | runs to do | estimated CPU-hours to do |",
              "|---|---|---|---|---|---|"]
     total = todo_total = 0.0

@@ -417,8 +417,8 @@ def update_lands(opt, optim_cfg, grads, grad_norm, opt_state, params, step, lr, 
     and the parameters and moments are updated in place: if ``optimizer.update_surely_finite`` proves it from
     norms of the inputs (always, in any sane run), the answer is True with no pass over the update; only
     otherwise (or when ``ok`` is already False there is nothing to decide) is the update computed a second time,
-    inside a ``lax.cond`` branch, and checked element by element. On CPU this halves the optimizer's time
-    (BUILD.md "CPU speed")."""
+    inside a ``lax.cond`` branch, and checked element by element. On CPU this cuts the optimizer's time by about
+    a third at 12.9M parameters and is even at 1.2M (BUILD.md "CPU speed")."""
     def check():
         new_params, new_opt_state, updates = apply_optimizer(opt, grads, opt_state, params, step)
         return jnp.isfinite(optax.global_norm(updates)) & all_finite((new_params, new_opt_state))

@@ -215,7 +215,8 @@ def test_update_bounds_hold(kw):
         bound_u, bound_v = (float(b) for b in O.update_bounds(cfg, params, state, grad_norm, lr))
         norm_u = np.sqrt(sum(np.sum(np.asarray(u, np.float64) ** 2) for u in jax.tree_util.tree_leaves(upd)))
         nu_new = O.adam_moments(new_state)[1]
-        v_hat = max(np.max(np.asarray(v, np.float64)) for v in jax.tree_util.tree_leaves(nu_new)) / (1 - b2 ** (count + 1))
+        v_max = max(np.max(np.asarray(v, np.float64)) for v in jax.tree_util.tree_leaves(nu_new))
+        v_hat = v_max / (1 - b2 ** (count + 1))
         assert np.isfinite(norm_u) and norm_u <= bound_u * (1 + 1e-5), (trial, norm_u, bound_u)
         assert v_hat <= bound_v * (1 + 1e-5), (trial, v_hat, bound_v)
     # where the bound is tight: the first update, zero gradient, second moment and params, so every element of the
