@@ -286,7 +286,7 @@ def make_optimizer(opt_cfg, schedule: Optional[Schedule] = None) -> optax.Gradie
 # A cheap proof that an update is finite (the train step's non-finite guard, BUILD.md "CPU speed")
 # ---------------------------------------------------------------------------------------------------------------
 UPDATE_NORM_LIMIT = 1e18   # ||update|| below this: its squared norm (<= 1e36) and p + update stay finite in fp32
-STATE_NORM_LIMIT = 1e30    # ||params||, and the second moment's bound, below this
+STATE_NORM_LIMIT = 1e30    # the new parameters' and the second moment's bounds below this
 
 
 def adam_moments(opt_state) -> Tuple[Any, Any]:
@@ -302,9 +302,10 @@ def _norm(tree) -> jax.Array:
     return optax.global_norm(jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree))
 
 
-def update_bounds(opt_cfg, params, opt_state, grad_norm, lr) -> Tuple[jax.Array, jax.Array]:
+def update_bounds(opt_cfg, params, opt_state, grad_norm, lr) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Upper bounds on what ``make_optimizer(opt_cfg)`` will produce from this state, from norms of its inputs
-    alone (no pass over the update itself): (bound on ||update||, bound on every element of v_hat).
+    alone (no pass over the update itself): (bound on ||update||, bound on every element of v_hat, bound on every
+    element of the new parameters).
 
     With g_c the clipped gradient, ||g_c|| <= g := min(grad_norm, clip_norm) (grad_norm without clipping), and
     t >= 1 updates made:
@@ -313,6 +314,7 @@ def update_bounds(opt_cfg, params, opt_state, grad_norm, lr) -> Tuple[jax.Array,
       |m_hat'_i / (sqrt(v_hat'_i) + eps)| <= |m_hat'_i| / eps
       ||update|| <= |lr| (||m_hat'|| / eps + wd ||p||)     decoupled decay on (at most) every parameter
       v_hat'_i <= (||v|| + g^2) / (1 - b2)                 v' = b2 v + (1 - b2) g_c^2, then bias correction
+      |p'_i| <= ||p|| + ||update||                        p' = p + update
     A zero eps, b1 = 1 or b2 = 1 gives an infinite (or NaN) bound, which no limit accepts."""
     mu, nu = adam_moments(opt_state)
     f32 = jnp.float32
@@ -320,17 +322,18 @@ def update_bounds(opt_cfg, params, opt_state, grad_norm, lr) -> Tuple[jax.Array,
     if opt_cfg.clip_norm is not None and opt_cfg.clip_norm > 0:
         g = jnp.minimum(g, f32(opt_cfg.clip_norm))
     b1, b2, eps, wd = (f32(opt_cfg[k]) for k in ("b1", "b2", "eps", "weight_decay"))
+    p_norm = _norm(params)
     m_hat = (b1 * _norm(mu) + (1 - b1) * g) / (1 - b1)
-    update = jnp.abs(jnp.asarray(lr, f32)) * (m_hat / eps + wd * _norm(params))
+    update = jnp.abs(jnp.asarray(lr, f32)) * (m_hat / eps + wd * p_norm)
     v_hat = (_norm(nu) + g * g) / (1 - b2)
-    return update, v_hat
+    return update, v_hat, p_norm + update
 
 
 def update_surely_finite(opt_cfg, params, opt_state, grad_norm, lr) -> jax.Array:
     """True only if the update, its squared norm, the new parameters and the new moments are all finite, as
-    ``update_bounds`` proves when its bounds sit far below fp32's overflow (3.4e38): ||update|| <= 1e18, ||p||
-    <= 1e30 and v_hat <= 1e30, a margin of more than 10x against the rounding of the few fp32 operations
-    between them. False says nothing: the caller must then check the update itself."""
-    update, v_hat = update_bounds(opt_cfg, params, opt_state, grad_norm, lr)
-    return ((update <= UPDATE_NORM_LIMIT) & (v_hat <= STATE_NORM_LIMIT) & (_norm(params) <= STATE_NORM_LIMIT)
+    ``update_bounds`` proves when its bounds sit far below fp32's overflow (3.4e38): ||update|| <= 1e18, v_hat and
+    the new parameters <= 1e30, a margin of more than 10x against the rounding of the few fp32 operations between
+    them. False says nothing: the caller must then check the update itself."""
+    update, v_hat, new_params = update_bounds(opt_cfg, params, opt_state, grad_norm, lr)
+    return ((update <= UPDATE_NORM_LIMIT) & (v_hat <= STATE_NORM_LIMIT) & (new_params <= STATE_NORM_LIMIT)
             & jnp.isfinite(grad_norm))

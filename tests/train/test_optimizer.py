@@ -212,13 +212,16 @@ def test_update_bounds_hold(kw):
         grad_norm = optax.global_norm(grads)
         lr = O.schedule_from_config(cfg)(count)
         upd, new_state = opt.update(grads, state, params, step=count)
-        bound_u, bound_v = (float(b) for b in O.update_bounds(cfg, params, state, grad_norm, lr))
+        bound_u, bound_v, bound_p = (float(b) for b in O.update_bounds(cfg, params, state, grad_norm, lr))
         norm_u = np.sqrt(sum(np.sum(np.asarray(u, np.float64) ** 2) for u in jax.tree_util.tree_leaves(upd)))
         nu_new = O.adam_moments(new_state)[1]
         v_max = max(np.max(np.asarray(v, np.float64)) for v in jax.tree_util.tree_leaves(nu_new))
         v_hat = v_max / (1 - b2 ** (count + 1))
         assert np.isfinite(norm_u) and norm_u <= bound_u * (1 + 1e-5), (trial, norm_u, bound_u)
         assert v_hat <= bound_v * (1 + 1e-5), (trial, v_hat, bound_v)
+        p_max = max(np.max(np.abs(np.asarray(x, np.float64)))
+                    for x in jax.tree_util.tree_leaves(optax.apply_updates(params, upd)))
+        assert p_max <= bound_p * (1 + 1e-5), (trial, p_max, bound_p)
     # where the bound is tight: the first update, zero gradient, second moment and params, so every element of the
     # update is -lr * m_hat / eps with m_hat = b1 m / (1 - b1): a bound too small by any factor fails here
     params = {"w": jnp.zeros((3, 4)), "norm": {"scale": jnp.zeros((4,))}}

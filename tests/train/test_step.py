@@ -8,12 +8,16 @@ import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from deepseek_jax import config
 from deepseek_jax.train import (bias_update, default_train_config, init_train_state, make_eval_step,
                                 make_train_step, update_router_bias)
-from deepseek_jax.train.step import rederive_schedule, validate_train_config
+from deepseek_jax.train import optimizer as O
+from deepseek_jax.train import step as step_lib
+from deepseek_jax.train.step import (all_finite, apply_optimizer, rederive_schedule, update_lands,
+                                     validate_train_config)
 
 TINY = config.preset("tiny", moe_dispatch="dense")  # as tests/train/conftest.py's tiny_variables
 SEQ = 8
@@ -285,10 +289,6 @@ def test_update_lands_decides_as_the_direct_check():
     check of the update it guards: its norm, the new params and moments all finite. Covered: a normal step (the
     proof), eps 1e-30 (no proof, a finite update: the check path says True), lr 1e30 (per-element finite, norm
     inf: False), and a step already refused (``ok`` False: nothing to decide)."""
-    import optax
-    from deepseek_jax.train import optimizer as O
-    from deepseek_jax.train.step import all_finite, apply_optimizer, update_lands
-
     params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8), "n": {"scale": jnp.ones((8,))}}
     grads = jax.tree_util.tree_map(lambda p: 0.01 * jnp.cos(p), params)
     for kw, expect in ((dict(), True), (dict(eps=1e-30), True), (dict(peak_lr=1e30), False)):
@@ -310,7 +310,6 @@ def test_update_lands_decides_as_the_direct_check():
 def test_guard_paths_land_the_same_state(setup, tiny_variables, monkeypatch):
     """The train step with the finiteness proof switched off (every update recomputed and checked inside the
     lax.cond branch) lands bit for bit the state of the normal step, which takes the proof."""
-    from deepseek_jax.train import step as step_lib
     state, step, _, tokens = setup
     fast, _ = step(state, _batch(tokens[:, None]))
     monkeypatch.setattr(step_lib, "update_surely_finite", lambda *a: jnp.asarray(False))
