@@ -430,9 +430,9 @@ def run_shape(shape: dict, args) -> dict:
     for flags in (args.xla_flags.split(";") if args.xla_flags else []):
         specs.append((f"deepseek_jax (no MTP, XLA_FLAGS={flags.strip()!r})",
                       {"kind": "ours", "mtp": 0, "xla_flags": flags.strip()}))
-    if args.baseline:
-        specs.append((f"deepseek_jax (no MTP) at the baseline checkout {args.baseline}",
-                      {"kind": "ours", "mtp": 0, "cpu_flags": True, "root": os.path.abspath(args.baseline)}))
+    for root in (args.baseline.split(",") if args.baseline else []):
+        specs.append((f"deepseek_jax (no MTP) at the baseline checkout {root}",
+                      {"kind": "ours", "mtp": 0, "cpu_flags": True, "root": os.path.abspath(root), "label": root}))
     if args.mtp:
         specs.append(("deepseek_jax (MTP D=1)", {"kind": "ours", "mtp": 1, "cpu_flags": True}))
     for experts in args.experts.split(","):
@@ -453,7 +453,7 @@ def run_shape(shape: dict, args) -> dict:
                       f"params {info['total_params']:,}, warmup losses {info['warmup_losses']}", flush=True)
             else:
                 if spec.get("root"):
-                    name = w.name = f"deepseek_jax (no MTP) at code {info['code']} (--baseline {args.baseline})"
+                    name = w.name = f"deepseek_jax (no MTP) at code {info['code']} (--baseline {spec['label']})"
                 print(f"ready: {name}: compiled in {info['compile_s']:.1f} s, params total {info['total_params']:,} "
                       f"activated {info['activated_params']:,}, scan_unroll {info['scan_unroll']}, moe_dispatch "
                       f"{info['moe_dispatch']}, warmup losses {info['warmup_losses']}", flush=True)
@@ -608,8 +608,9 @@ def main(argv=None):
                     help="also time ours without deepseek_jax.compat.CPU_XLA_FLAGS (XLA's own CPU defaults)")
     ap.add_argument("--dispatch", default="auto", help="our moe_dispatch (auto = sorted_tiles on CPU)")
     ap.add_argument("--baseline", default="",
-                    help="a second checkout (e.g. a git worktree of an earlier commit): its deepseek_jax is timed "
-                         "as one more contender, in its own process and rounds like the others (an A/B of a change)")
+                    help="other checkouts, comma-separated (e.g. git worktrees of earlier commits): the deepseek_jax "
+                         "of each is timed as one more contender, in its own process and rounds like the others (an "
+                         "A/B of a change)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: os.cpu_count())")
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, our step's per-op breakdown (benchmarks/profile_ops.py)")

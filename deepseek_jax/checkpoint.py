@@ -8,8 +8,9 @@ holds three items:
   data   the data iterator's JSON state (so resume continues the exact token stream)
   meta   JSON: config, corpus fingerprint, code version, metrics at save time, and ``checksums``
 
-Content checksums. orbax (0.12) checksums only the index of its zarr3 shards (crc32c), not the array data, so a
-flipped bit in a data file restores without error. ``save`` therefore records the sha256 of every state leaf
+Content checksums. orbax (0.12, as configured here) writes each array as zstd-compressed zarr chunks inside an
+OCDBT key-value store and keeps no checksum of the array data: a flipped bit in a data file either breaks
+decoding (TensorStore reports it) or restores without error as wrong values. ``save`` therefore records the sha256 of every state leaf
 (its dtype, shape and bytes) and of the data state in ``meta["checksums"]``, and ``restore`` recomputes and
 compares them: a mismatch is a corrupt checkpoint. Leaves that no single process holds whole (multi-process
 runs) are not checksummed.

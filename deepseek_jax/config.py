@@ -17,7 +17,8 @@ from typing import Any, Mapping, Optional
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "grouped", "dense", "gather")  # gather: decode steps (generate.py)
+# gather: decode steps (generate.py)
+MOE_DISPATCHES = ("auto", "ragged", "sorted_tiles", "bucket_tiles", "grouped", "dense", "gather")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "cudnn")  # the naive path's attention core (layers/attention.py)
@@ -191,8 +192,8 @@ class ModelConfig:
     # --- execution policy (not part of the checkpoint) ---
     dtype: str = "float32"  # compute dtype; params are `param_dtype`; router/softmax/norm/loss are fp32
     param_dtype: str = "float32"
-    moe_dispatch: str = "auto"  # auto | ragged | sorted_tiles | grouped | dense (ops/moe_dispatch.py)
-    moe_tile_size: int = 128  # rows per tile of the `sorted_tiles` / `grouped` dispatches
+    moe_dispatch: str = "auto"  # auto | ragged | sorted_tiles | bucket_tiles | grouped | dense (ops/moe_dispatch.py)
+    moe_tile_size: int = 128  # rows per tile of `sorted_tiles` / `grouped`; bucket_tiles overflow: min(this, 32)
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
     # layers per iteration of the scan over identical blocks (lax.scan's unroll; the parameters stay stacked
     # either way). 1: one compiled body, the fastest compile (paper-scale depths); 0: every layer unrolled, no

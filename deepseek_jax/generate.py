@@ -198,17 +198,17 @@ GATHER_MAX_ROWS = 8  # decode steps routing at most this many rows use the "gath
 
 
 def _step_cfg(cfg: ModelConfig, tokens_per_step: int) -> ModelConfig:
-    """The config of the decode-step modules. A step routes only B * T * top-k rows, so on CPU (where "auto" means
-    sorted_tiles) the default 128-row tile would be mostly padding (one tile per used expert): steps routing at
+    """The config of the decode-step modules. A step routes only B * T * top-k rows, so on CPU the training-sized
+    layouts of "auto" (bucket_tiles' per-expert buckets, 128-row tiles) would be mostly padding: steps routing at
     most GATHER_MAX_ROWS rows gather each row's expert weights instead (moe_dispatch.dispatch_gather), larger ones use
-    8-row tiles: on CPU, at decode batch sizes, these beat both 128-row tiles and every expert on every row
-    (measurements: BUILD.md "Inference", benchmarks/results/decode_cpu.md). Same parameters and the same
+    sorted_tiles with 8-row tiles: on CPU, at decode batch sizes, these beat both 128-row tiles and every expert on
+    every row (measurements: BUILD.md "Inference", benchmarks/results/decode_cpu.md). Same parameters and the same
     function: the dispatch only changes how rows meet their experts' weights. An explicit non-auto dispatch is kept."""
-    if cfg.moe_dispatch != "auto" or resolve_dispatch("auto") != "sorted_tiles":
+    if cfg.moe_dispatch != "auto" or resolve_dispatch("auto") not in ("sorted_tiles", "bucket_tiles"):
         return cfg
     if tokens_per_step * cfg.num_experts_per_tok <= GATHER_MAX_ROWS:
         return cfg.replace(moe_dispatch="gather")
-    return cfg.replace(moe_tile_size=min(cfg.moe_tile_size, DECODE_TILE))
+    return cfg.replace(moe_dispatch="sorted_tiles", moe_tile_size=min(cfg.moe_tile_size, DECODE_TILE))
 
 
 SHAPE_BUCKET = 16  # prompt width and cache length are rounded up to this, so similar requests share a compile

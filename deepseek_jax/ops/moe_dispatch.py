@@ -9,11 +9,16 @@ Dispatch (all dropless, all the same function; tests hold each equal to ``dense`
                 place (custom VJP: the backward is the same loop). On CPU, ragged_dot lowers to a masked dense
                 computation; this path does only the routed FLOPs plus < 1 tile of padding per expert
                 (speed against an equal-FLOP matmul: benchmarks/results/moe_dispatch_cpu.md). Reverse-mode only.
+  bucket_tiles  each expert's first C = N*K/E routed rows (its mean load) in a bucket [E, C, d], the expert
+                GEMMs batched over the buckets (weights read in place, plain autodiff); the rows past an expert's
+                first C through a tile loop like sorted_tiles' that gathers and scatters its rows per tile (no
+                buffer of the padded size), so balanced loads run no tile at all. Row permutations in and out of
+                the buckets are gathers both ways (custom VJP), never scatter-adds. Reverse-mode only.
   grouped       sorted and padded like sorted_tiles, then grouped GEMMs over the row tiles with a tile -> expert
                 map (ops/grouped_gemm.py: Pallas Triton on GPU, megablox on TPU); custom VJP: the backward
                 GEMMs are grouped too. On XLA:GPU ragged_dot can be rewritten into a dense dot (E times the
                 FLOPs), which this path cannot.
-  auto          sorted_tiles on CPU, grouped on GPU and TPU.
+  auto          bucket_tiles on CPU, grouped on GPU and TPU.
   gather        each routed row's expert weights gathered per row ([N*K, d, F]) and one batched matmul: reads
                 N*K expert weights, no sort and no loop. For decode steps, where N*K is a handful of rows
                 (generate.py picks it for N*K <= 8 on CPU).
@@ -102,6 +107,11 @@ def _tile_layout(idx_nk, E: int, tile: int):
     tile_e = jnp.minimum(tile_e, E - 1).astype(jnp.int32)
     n_used = (pad_end[-1] // tile).astype(jnp.int32)
     return src, dest.reshape(N, K), tile_e, n_used
+
+
+def _rows(a, idx):
+    """a[idx] along the first axis, zero where idx is out of range (a routed row with no slot)."""
+    return a.at[idx].get(mode="fill", fill_value=0)
 
 
 def _take(w, e):
@@ -199,6 +209,90 @@ def _tiled_ffn_bwd(res, ct_nkd):
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)
 
 
+def _row_tiles_forward(x_nd, wg, wu, wd, src, tile_e, n_used, K: int, keep: bool):
+    """The tile loop of ``_tiled_ffn`` for a layout that holds only some routed rows, with no buffer of the
+    layout's padded size: each used tile gathers its rows of x and scatters its outputs to their routed rows (the
+    padding slots, src == N*K, are dropped), so a loop over few tiles costs few tiles."""
+    N, d = x_nd.shape
+    NK, F = N * K, wg.shape[2]
+    tile = src.shape[0] // tile_e.shape[0]
+    x_ext = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])  # row N: the zero row of padding slots
+
+    def body(t, carry):
+        e = tile_e[t]
+        s_t = jax.lax.dynamic_slice_in_dim(src, t * tile, tile)
+        x_t = x_ext[s_t // K]
+        a, b = x_t @ _take(wg, e), x_t @ _take(wu, e)
+        y_t = swiglu(a, b) @ _take(wd, e)
+        out = (carry[0].at[s_t].set(y_t.astype(carry[0].dtype), mode="drop", unique_indices=True),)
+        if keep:  # pre-activations, for the backward pass
+            out += tuple(c.at[s_t].set(v, mode="drop", unique_indices=True) for c, v in zip(carry[1:], (a, b)))
+        return out
+
+    out_dt = jnp.result_type(x_nd.dtype, wd.dtype)
+    act_dt = jnp.result_type(x_nd.dtype, wg.dtype)
+    init = (jnp.zeros((NK, d), out_dt),) + ((jnp.zeros((NK, F), act_dt),) * 2 if keep else ())
+    out = jax.lax.fori_loop(0, n_used, body, init)
+    return out[0].reshape(N, K, d), tuple(out[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _row_tiles_ffn(x_nd, wg, wu, wd, src, tile_e, n_used, K):
+    """SwiGLU_{e}(x_n) for the routed rows (n, k) that ``src`` lays out, zero for the others: [N, K, d]."""
+    return _row_tiles_forward(x_nd, wg, wu, wd, src, tile_e, n_used, K, keep=False)[0]
+
+
+def _row_tiles_ffn_fwd(x_nd, wg, wu, wd, src, tile_e, n_used, K):
+    y, (a_rf, b_rf) = _row_tiles_forward(x_nd, wg, wu, wd, src, tile_e, n_used, K, keep=True)
+    return y, (x_nd, a_rf, b_rf, wg, wu, wd, src, tile_e, n_used)
+
+
+def _row_tiles_ffn_bwd(K, res, ct_nkd):
+    """The same loop backwards (the math of ``_tiled_ffn_bwd``): each tile gathers its rows' cotangents and
+    pre-activations, accumulates its expert's weight gradients (fp32) and scatter-adds its rows' input gradients
+    to their tokens (a tile holds one expert's rows, so each token at most once)."""
+    x_nd, a_rf, b_rf, wg, wu, wd, src, tile_e, n_used = res
+    N, d = x_nd.shape
+    tile = src.shape[0] // tile_e.shape[0]
+    f32 = jnp.float32
+    x_ext = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
+    ct_ext = jnp.concatenate([ct_nkd.reshape(N * K, d), jnp.zeros((1, d), ct_nkd.dtype)])
+    tn = (((0,), (0,)), ((), ()))  # A^T B
+    nt = (((1,), (1,)), ((), ()))  # A B^T
+
+    def body(t, carry):
+        dx, dwg, dwu, dwd = carry
+        e = tile_e[t]
+        s_t = jax.lax.dynamic_slice_in_dim(src, t * tile, tile)
+        x_t = x_ext[s_t // K]
+        dy_t = ct_ext[s_t].astype(x_t.dtype)
+        a, b = (_rows(v, s_t).astype(f32) for v in (a_rf, b_rf))
+        sig = jax.nn.sigmoid(a)
+        silu = a * sig
+        h = (silu * b).astype(x_t.dtype)
+        dh = jax.lax.dot_general(dy_t, _take(wd, e), nt, preferred_element_type=f32)
+        da = (dh * b * (sig * (1 + a * (1 - sig)))).astype(x_t.dtype)
+        db = (dh * silu).astype(x_t.dtype)
+
+        def acc(w, g):
+            return jax.lax.dynamic_update_index_in_dim(w, _take(w, e) + g, e, 0)
+
+        dwd = acc(dwd, jax.lax.dot_general(h, dy_t, tn, preferred_element_type=f32))
+        dwg = acc(dwg, jax.lax.dot_general(x_t, da, tn, preferred_element_type=f32))
+        dwu = acc(dwu, jax.lax.dot_general(x_t, db, tn, preferred_element_type=f32))
+        dx_t = (jax.lax.dot_general(da, _take(wg, e), nt, preferred_element_type=f32)
+                + jax.lax.dot_general(db, _take(wu, e), nt, preferred_element_type=f32))
+        return dx.at[s_t // K].add(dx_t, mode="drop", unique_indices=True), dwg, dwu, dwd
+
+    init = (jnp.zeros((N, d), f32), jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32), jnp.zeros(wd.shape, f32))
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
+    return (dx.astype(x_nd.dtype), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype),
+            None, None, None)
+
+
+_row_tiles_ffn.defvjp(_row_tiles_ffn_fwd, _row_tiles_ffn_bwd)
+
+
 def dispatch_sorted_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
     """Rows grouped by expert and padded per expert to whole tiles; a loop over the used tiles does one
     [tile, d] x [d, F] (gate, up) and [tile, F] x [F, d] (down) matmul with that tile's expert's weights, sliced in
@@ -206,6 +300,89 @@ def dispatch_sorted_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
     skipped. Custom VJP: the backward pass is the same loop (see _tiled_ffn_bwd)."""
     src, dest_nk, tile_e, n_used = _tile_layout(idx_nk, wg.shape[0], tile)
     y_nkd = _tiled_ffn(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used)
+    return jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), w_nk)
+
+
+OVERFLOW_TILE = 32  # rows per tile of bucket_tiles' overflow loop: an expert's overflow is usually a few rows
+
+
+def bucket_capacity(n_routed: int, n_experts: int) -> int:
+    """Rows per expert bucket of ``bucket_tiles``: the mean load N*K/E rounded up to a multiple of 8."""
+    return -(-n_routed // (8 * n_experts)) * 8
+
+
+def _bucket_layout(idx_nk, E: int, C: int, tile: int):
+    """Rows grouped by expert (one stable sort): each expert's first C rows fill its bucket (slot e*C + rank), the
+    rest (its overflow, max(c_e - C, 0) rows) are padded per expert to whole tiles of ``tile`` rows, as in
+    ``_tile_layout``. The overflow needs at most n_tiles = ceil((NK - C) / tile) + E - 1 tiles, a static bound.
+
+    Returns (int32 unless noted)
+      src       [E*C]      flat routed row (n * K + k) in each bucket slot; N*K for an empty slot
+      dest      [N, K]     bucket slot of each routed row; E*C (none) for an overflow row
+      in_bucket [N, K]     bool, dest < E*C
+      o_src     [n_tiles * tile]  flat routed row in each overflow tile slot; N*K for a padding slot
+      o_tile_e  [n_tiles]  expert of each overflow tile (E - 1 for the unused trailing ones)
+      o_used    []         number of overflow tiles that hold rows (0 when no expert has more than C rows)
+    """
+    N, K = idx_nk.shape
+    NK = N * K
+    flat_e = idx_nk.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
+    e_sorted = flat_e[order]
+    sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    start = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
+    rank_sorted = jnp.arange(NK, dtype=jnp.int32) - start[e_sorted]
+    slot_sorted = jnp.where(rank_sorted < C, e_sorted * C + rank_sorted, E * C)
+    dest = jnp.zeros((NK,), jnp.int32).at[order].set(slot_sorted, unique_indices=True)
+    src = jnp.full((E * C,), NK, jnp.int32).at[slot_sorted].set(order, mode="drop")
+    # the overflow: rank >= C, laid out like _tile_layout's tiles
+    n_tiles = -(-max(NK - C, 1) // tile) + E - 1
+    over = jnp.maximum(sizes - C, 0)
+    padded = -(-over // tile) * tile
+    pad_end = jnp.cumsum(padded, dtype=jnp.int32)
+    o_slot_sorted = jnp.where(rank_sorted >= C, (pad_end - padded)[e_sorted] + rank_sorted - C, n_tiles * tile)
+    o_src = jnp.full((n_tiles * tile,), NK, jnp.int32).at[o_slot_sorted].set(order, mode="drop")
+    o_tile_e = jnp.searchsorted(pad_end, jnp.arange(n_tiles, dtype=jnp.int32) * tile, side="right")
+    o_tile_e = jnp.minimum(o_tile_e, E - 1).astype(jnp.int32)
+    o_used = (pad_end[-1] // tile).astype(jnp.int32)
+    return src, dest.reshape(N, K), (dest < E * C).reshape(N, K), o_src, o_tile_e, o_used
+
+
+@jax.custom_vjp
+def _permute_rows(a_md, idx_r, inv_mj):
+    """out[r] = a[idx[r]] (zero where idx[r] >= M): a row gather whose transpose is another gather, never a
+    scatter-add: ``inv_mj`` lists, for every row m of ``a``, the J output rows that read it (>= R: none)."""
+    return _rows(a_md, idx_r)
+
+
+def _permute_rows_fwd(a_md, idx_r, inv_mj):
+    return _rows(a_md, idx_r), (idx_r, inv_mj)
+
+
+def _permute_rows_bwd(res, ct_rd):
+    idx_r, inv_mj = res
+    return _rows(ct_rd, inv_mj).sum(1), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def dispatch_bucket_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
+    """Each expert's first C = ``bucket_capacity`` routed rows in a bucket [E, C, d], the three expert GEMMs
+    batched over the buckets (one batched matmul each, weights read in place); the rows past an expert's first C
+    (the overflow: none when loads are balanced, a few tiles when not) through the ``sorted_tiles`` loop. Still
+    dropless, the same function as ``dense``; on CPU the batched GEMMs run at several times the speed of the
+    tile loop's many small ones (benchmarks/results/moe_dispatch_cpu.md)."""
+    N, K = idx_nk.shape
+    E = wg.shape[0]
+    C = bucket_capacity(N * K, E)
+    src, dest_nk, _, o_src, o_tile_e, o_used = _bucket_layout(idx_nk, E, C, min(tile, OVERFLOW_TILE))
+    x_cd = _permute_rows(x_nd, src // K, dest_nk)  # slot -> its token (N: the zero row of an empty slot)
+    x_ecd = x_cd.reshape(E, C, -1)
+    h_ecf = swiglu(jnp.einsum("ecd,edf->ecf", x_ecd, wg), jnp.einsum("ecd,edf->ecf", x_ecd, wu))
+    y_cd = jnp.einsum("ecf,efd->ecd", h_ecf.astype(x_nd.dtype), wd).reshape(E * C, -1)
+    y_nkd = _permute_rows(y_cd, dest_nk.reshape(-1), src[:, None]).reshape(N, K, -1)
+    y_nkd = y_nkd + _row_tiles_ffn(x_nd, wg, wu, wd, o_src, o_tile_e, o_used, K)  # each row: one of the two, 0
     return jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), w_nk)
 
 
@@ -278,16 +455,17 @@ DISPATCHES = {
     "dense": dispatch_dense,
     "ragged": dispatch_ragged,
     "sorted_tiles": dispatch_sorted_tiles,
+    "bucket_tiles": dispatch_bucket_tiles,
     "gather": dispatch_gather,
     "grouped": dispatch_grouped,
 }
 
 
 def resolve_dispatch(name: str) -> str:
-    """"auto" -> the platform's choice (sorted_tiles on CPU, the grouped GEMM on GPU and TPU); other names pass
+    """"auto" -> the platform's choice (bucket_tiles on CPU, the grouped GEMM on GPU and TPU); other names pass
     through."""
     if name == "auto":
-        return "sorted_tiles" if jax.default_backend() == "cpu" else "grouped"
+        return "bucket_tiles" if jax.default_backend() == "cpu" else "grouped"
     return name
 
 

@@ -504,9 +504,11 @@ def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callabl
         # everything that reaches a checkpoint must be finite, the router bias included
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_router)
         ok = ok & update_lands(opt, train_cfg.optim, grads, grad_norm, state.opt_state, state.params, step, lr, ok)
+        params_out = _tree_where(ok, new_params, state.params)
+        ok_m = ok & all_finite(params_out)
         new_state = TrainState(step=step + 1,
-                               params=_tree_where(ok, new_params, state.params),
-                               opt_state=_tree_where(ok, new_opt_state, state.opt_state),
+                               params=params_out,
+                               opt_state=_tree_where(ok_m, new_opt_state, state.opt_state),
                                router=_tree_where(ok, new_router, state.router),
                                skipped=state.skipped + (~ok).astype(jnp.int32))
         return new_state, step_metrics(loss, parts, norm, grad_norm, (lr, lam, gamma), ok, new_state)

@@ -111,7 +111,8 @@ def _loop_reference(x, idx, w, wg, wu, wd):
 
 
 @pytest.mark.parametrize("dispatch, tile", [("dense", 0), ("ragged", 0), ("sorted_tiles", 4),
-                                            ("sorted_tiles", 16), ("sorted_tiles", 1000)])
+                                            ("sorted_tiles", 16), ("sorted_tiles", 1000), ("bucket_tiles", 4),
+                                            ("bucket_tiles", 128)])
 def test_dispatch_values_and_gradients_equal_dense(dispatch, tile):
     x, idx, w, (wg, wu, wd) = _problem()
     ref = _loop_reference(x, idx, w, wg, wu, wd)
@@ -132,13 +133,46 @@ def test_dispatch_under_jit_all_tokens_one_expert():
     x, _, w, (wg, wu, wd) = _problem(N=40, K=2, skew=False)
     idx = jnp.tile(jnp.array([[3, 5]], jnp.int32), (40, 1))  # worst case for a capacity-based router
     ref = moe_dispatch.routed_experts(x, idx, w, wg, wu, wd, "dense")
-    for dispatch in ("ragged", "sorted_tiles"):
+    for dispatch in ("ragged", "sorted_tiles", "bucket_tiles"):
         out = jax.jit(moe_dispatch.routed_experts, static_argnums=(6, 7))(x, idx, w, wg, wu, wd, dispatch, 8)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_bucket_layout_and_balanced_loads():
+    """bucket_tiles with every expert at exactly its capacity (no overflow tile runs) and with the skewed loads of
+    _problem (overflowing experts, an empty one): the layout places each routed row once, and values and
+    gradients equal the token-by-token definition."""
+    N, K, E = 32, 2, 8
+    assert moe_dispatch.bucket_capacity(N * K, E) == 8 and moe_dispatch.bucket_capacity(192, 8) == 24
+    x, _, w, (wg, wu, wd) = _problem(N=N, K=K, E=E, skew=False)
+    balanced = jnp.asarray(np.stack([np.arange(N) % E, (np.arange(N) + 1) % E], 1), jnp.int32)
+    _, skewed, _, _ = _problem(N=96, K=2, E=8)
+    for idx, n in ((balanced, N), (skewed, 96)):
+        C = moe_dispatch.bucket_capacity(n * K, E)
+        src, dest, in_bucket = map(np.asarray, moe_dispatch._bucket_layout(idx, E, C, 4)[:3])
+        loads = np.bincount(np.asarray(idx).reshape(-1), minlength=E)
+        np.testing.assert_array_equal(in_bucket.sum(), np.minimum(loads, C).sum())
+        rows = dest[in_bucket]
+        assert len(set(rows.tolist())) == rows.size  # one slot per row
+        np.testing.assert_array_equal(src[rows], np.flatnonzero(in_bucket.reshape(-1)))  # src inverts dest
+        np.testing.assert_array_equal(rows // C, np.asarray(idx)[in_bucket])  # each row in its expert's bucket
+        assert in_bucket.all() == (n == N)  # balanced: nothing overflows; skewed: expert 0 does
+    xs = x[:N]
+    ref = _loop_reference(xs, balanced, w[:N], wg, wu, wd)
+    out = moe_dispatch.routed_experts(xs, balanced, w[:N], wg, wu, wd, "bucket_tiles", 8)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+    def loss(name, x, w, wg, wu, wd):
+        return jnp.sum(jnp.sin(moe_dispatch.routed_experts(x, balanced, w, wg, wu, wd, name, 8)))
+
+    g = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("bucket_tiles", xs, w[:N], wg, wu, wd)
+    g_ref = jax.grad(loss, argnums=(1, 2, 3, 4, 5))("dense", xs, w[:N], wg, wu, wd)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_dispatch_resolves_per_backend():
-    assert moe_dispatch.resolve_dispatch("auto") == ("sorted_tiles" if jax.default_backend() == "cpu" else "ragged")
+    assert moe_dispatch.resolve_dispatch("auto") == ("bucket_tiles" if jax.default_backend() == "cpu" else "grouped")
 
 
 def test_moe_module_aux_statistics():

@@ -91,12 +91,12 @@ def test_dispatch_grouped_equals_dense(backend):
 
 def test_routed_experts_grouped_and_auto():
     """moe_dispatch="grouped" goes through routed_experts (the per-platform choice, interpret mode on CPU);
-    "auto" keeps sorted_tiles on CPU and is "grouped" elsewhere."""
+    "auto" is bucket_tiles on CPU and "grouped" elsewhere."""
     x, idx, w, wg, wu, wd = _problem(seed=1)
     y = moe_dispatch.routed_experts(x, idx, w, wg, wu, wd, "grouped", 8)
     np.testing.assert_allclose(np.asarray(y), np.asarray(moe_dispatch.dispatch_dense(x, idx, w, wg, wu, wd)),
                                rtol=1e-5, atol=1e-5)
-    assert moe_dispatch.resolve_dispatch("auto") == "sorted_tiles"  # this host is a CPU
+    assert moe_dispatch.resolve_dispatch("auto") == "bucket_tiles"  # this host is a CPU
     assert preset("tiny", moe_dispatch="grouped").moe_dispatch == "grouped"
 
 

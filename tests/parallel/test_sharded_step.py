@@ -77,7 +77,7 @@ def _compare_trees(name, got, want, rtol=RTOL):
 
 MESHES = [
     ({"data": 8}, "dense"),
-    ({"data": 2, "expert": 4}, "sorted_tiles"),  # the CPU default dispatch, inside the shard_map
+    ({"data": 2, "expert": 4}, "bucket_tiles"),  # the CPU default dispatch, inside the shard_map
     ({"fsdp": 2, "expert": 2, "tensor": 2}, "dense"),
 ]
 

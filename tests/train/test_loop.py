@@ -17,6 +17,7 @@ from deepseek_jax.data import get_tokenizer
 from deepseek_jax.metrics import read_jsonl
 from deepseek_jax.train import loop as loop_lib
 from deepseek_jax.train import run_config
+from testing_utils import change_one_stored_value
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -183,30 +184,25 @@ def test_dense_model_runs_end_to_end(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Reliability: corrupt checkpoints, no silent deletion, config errors before anything is written
 # ---------------------------------------------------------------------------------------------------------------
-def _flip_bits(step_dir, n=8):
-    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
-    path = max(files, key=os.path.getsize)
-    b = bytearray(open(path, "rb").read())
-    for i in range(n):
-        b[len(b) // 3 + 7 * i] ^= 0x40
-    with open(path, "wb") as f:
-        f.write(bytes(b))
-
-
 def test_corrupt_newest_checkpoint_of_a_moved_run_resumes_from_the_previous_one(uninterrupted, tmp_path, capfd):
-    """The run directory is moved to a new path (loop.out_dir is not compared) and 8 bits of its newest
-    checkpoint are flipped: the step is moved aside, the run retrains from step 8 to the same bits, saves step 10
-    again (this used to be a StepAlreadyExistsError crash loop), and a second rerun succeeds too."""
+    """The run directory is moved to a new path (loop.out_dir is not compared) and one parameter value of its newest
+    checkpoint is changed behind orbax's back (the files stay readable): the content checksum catches it, the step
+    is moved aside, the run retrains from step 8 to the same bits, saves step 10 again (this used to be a
+    StepAlreadyExistsError crash loop), and a second rerun succeeds too."""
     import shutil
     ref_dir, _ = uninterrupted
     out = tmp_path / "moved"
     shutil.copytree(str(ref_dir), str(out))
-    _flip_bits(str(out / "checkpoints" / "10"))
+    leaf = change_one_stored_value(str(out / "checkpoints" / "10"), "params.embed.embedding")
     summary = loop_lib.run(_cfg(out))
     assert summary["step"] == 10
     err = capfd.readouterr().err
     lines = [ln for ln in err.splitlines() if "could not be restored" in ln]
-    assert len(lines) == 1 and "content checksum mismatch" in lines[0], err
+    assert len(lines) == 1 and "step 10 could not be restored (CheckpointError: " in lines[0], err  # ours
+    assert "content checksum mismatch" in lines[0], err
+    where = os.path.abspath(os.path.join(str(out), "checkpoints", "10"))  # full text: stderr cuts at 200 chars
+    with open(os.path.join(str(out), "run.log")) as f:
+        assert f"CheckpointError: {where}: content checksum mismatch in state leaf {leaf}\n" in f.read()
     assert os.path.isdir(out / "checkpoints" / "10.corrupt")
     _assert_same_final_state(ref_dir, out)
     steps = [r["step"] for r in read_jsonl(os.path.join(str(out), "metrics.jsonl"))]
