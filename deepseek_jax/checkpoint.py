@@ -12,8 +12,8 @@ Content checksums. orbax (0.12, as configured here) writes each array as zstd-co
 OCDBT key-value store and keeps no checksum of the array data: a flipped bit in a data file either breaks
 decoding (TensorStore reports it) or restores without error as wrong values. ``save`` therefore records the
 sha256 of every state leaf (its dtype, shape and bytes) and of the data state in ``meta["checksums"]``, and
-``restore`` recomputes and compares them: a mismatch is a corrupt checkpoint. Leaves that no single process holds whole (multi-process
-runs) are not checksummed.
+``restore`` recomputes and compares them: a mismatch is a corrupt checkpoint. Leaves that no single process
+holds whole (multi-process runs) are not checksummed.
 
 ``restore_latest`` walks back from the newest step: a step that fails to restore (corrupt file, missing item,
 checksum mismatch) is moved aside to ``<step>.corrupt`` (kept, never deleted; orbax ignores the name), reported
