@@ -159,6 +159,31 @@ def _tiled_ffn_fwd(x_nd, wg, wu, wd, src, dest_nk, tile_e, n_used):
     return y, (x_nd, x_pad, a_pad, b_pad, wg, wu, wd, src, dest_nk, tile_e, n_used)
 
 
+def _swiglu_tile_bwd(x_t, dy_t, a, b, e, wg, wu, wd, dwg, dwu, dwd):
+    """One tile's backward through SwiGLU_e: from its rows x_t, their cotangents dy_t and the saved pre-activations
+    a = x W_gate, b = x W_up (fp32), the rows' input gradient dx_t (fp32) and expert e's weight gradients added
+    (fp32, in place) into its slices of dwg / dwu / dwd."""
+    f32 = jnp.float32
+    tn = (((0,), (0,)), ((), ()))  # A^T B
+    nt = (((1,), (1,)), ((), ()))  # A B^T
+    sig = jax.nn.sigmoid(a)
+    silu = a * sig
+    h = (silu * b).astype(x_t.dtype)
+    dh = jax.lax.dot_general(dy_t, _take(wd, e), nt, preferred_element_type=f32)
+    da = (dh * b * (sig * (1 + a * (1 - sig)))).astype(x_t.dtype)
+    db = (dh * silu).astype(x_t.dtype)
+
+    def acc(w, g):
+        return jax.lax.dynamic_update_index_in_dim(w, _take(w, e) + g, e, 0)
+
+    dwd = acc(dwd, jax.lax.dot_general(h, dy_t, tn, preferred_element_type=f32))
+    dwg = acc(dwg, jax.lax.dot_general(x_t, da, tn, preferred_element_type=f32))
+    dwu = acc(dwu, jax.lax.dot_general(x_t, db, tn, preferred_element_type=f32))
+    dx_t = (jax.lax.dot_general(da, _take(wg, e), nt, preferred_element_type=f32)
+            + jax.lax.dot_general(db, _take(wu, e), nt, preferred_element_type=f32))
+    return dx_t, dwg, dwu, dwd
+
+
 def _tiled_ffn_bwd(res, ct_nkd):
     """Same tile loop backwards; expert weight grads accumulate (fp32) in place into their expert's slice, and the
     row permutations are undone by gathers (src/dest are inverse bijections), never scatter-adds."""
@@ -170,9 +195,6 @@ def _tiled_ffn_bwd(res, ct_nkd):
     f32 = jnp.float32
     ct_flat = ct_nkd.reshape(N * K, d)
     ct_pad = jnp.concatenate([ct_flat, jnp.zeros((1, d), ct_flat.dtype)])[src]  # zero on padding slots
-    tn = (((0,), (0,)), ((), ()))  # A^T B
-    nt = (((1,), (1,)), ((), ()))  # A B^T
-
     def body(t, carry):
         dx_pad, dwg, dwu, dwd = carry
         r0 = t * tile
@@ -181,21 +203,7 @@ def _tiled_ffn_bwd(res, ct_nkd):
         dy_t = jax.lax.dynamic_slice_in_dim(ct_pad, r0, tile).astype(x_t.dtype)
         a = jax.lax.dynamic_slice_in_dim(a_pad, r0, tile).astype(f32)
         b = jax.lax.dynamic_slice_in_dim(b_pad, r0, tile).astype(f32)
-        sig = jax.nn.sigmoid(a)
-        silu = a * sig
-        h = (silu * b).astype(x_t.dtype)
-        dh = jax.lax.dot_general(dy_t, _take(wd, e), nt, preferred_element_type=f32)
-        da = (dh * b * (sig * (1 + a * (1 - sig)))).astype(x_t.dtype)
-        db = (dh * silu).astype(x_t.dtype)
-
-        def acc(w, g):
-            return jax.lax.dynamic_update_index_in_dim(w, _take(w, e) + g, e, 0)
-
-        dwd = acc(dwd, jax.lax.dot_general(h, dy_t, tn, preferred_element_type=f32))
-        dwg = acc(dwg, jax.lax.dot_general(x_t, da, tn, preferred_element_type=f32))
-        dwu = acc(dwu, jax.lax.dot_general(x_t, db, tn, preferred_element_type=f32))
-        dx_t = (jax.lax.dot_general(da, _take(wg, e), nt, preferred_element_type=f32)
-                + jax.lax.dot_general(db, _take(wu, e), nt, preferred_element_type=f32))
+        dx_t, dwg, dwu, dwd = _swiglu_tile_bwd(x_t, dy_t, a, b, e, wg, wu, wd, dwg, dwu, dwd)
         dx_pad = jax.lax.dynamic_update_slice_in_dim(dx_pad, dx_t, r0, 0)
         return dx_pad, dwg, dwu, dwd
 
@@ -257,9 +265,6 @@ def _row_tiles_ffn_bwd(K, res, ct_nkd):
     f32 = jnp.float32
     x_ext = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
     ct_ext = jnp.concatenate([ct_nkd.reshape(N * K, d), jnp.zeros((1, d), ct_nkd.dtype)])
-    tn = (((0,), (0,)), ((), ()))  # A^T B
-    nt = (((1,), (1,)), ((), ()))  # A B^T
-
     def body(t, carry):
         dx, dwg, dwu, dwd = carry
         e = tile_e[t]
@@ -267,21 +272,7 @@ def _row_tiles_ffn_bwd(K, res, ct_nkd):
         x_t = x_ext[s_t // K]
         dy_t = ct_ext[s_t].astype(x_t.dtype)
         a, b = (_rows(v, s_t).astype(f32) for v in (a_rf, b_rf))
-        sig = jax.nn.sigmoid(a)
-        silu = a * sig
-        h = (silu * b).astype(x_t.dtype)
-        dh = jax.lax.dot_general(dy_t, _take(wd, e), nt, preferred_element_type=f32)
-        da = (dh * b * (sig * (1 + a * (1 - sig)))).astype(x_t.dtype)
-        db = (dh * silu).astype(x_t.dtype)
-
-        def acc(w, g):
-            return jax.lax.dynamic_update_index_in_dim(w, _take(w, e) + g, e, 0)
-
-        dwd = acc(dwd, jax.lax.dot_general(h, dy_t, tn, preferred_element_type=f32))
-        dwg = acc(dwg, jax.lax.dot_general(x_t, da, tn, preferred_element_type=f32))
-        dwu = acc(dwu, jax.lax.dot_general(x_t, db, tn, preferred_element_type=f32))
-        dx_t = (jax.lax.dot_general(da, _take(wg, e), nt, preferred_element_type=f32)
-                + jax.lax.dot_general(db, _take(wu, e), nt, preferred_element_type=f32))
+        dx_t, dwg, dwu, dwd = _swiglu_tile_bwd(x_t, dy_t, a, b, e, wg, wu, wd, dwg, dwu, dwd)
         return dx.at[s_t // K].add(dx_t, mode="drop", unique_indices=True), dwg, dwu, dwd
 
     init = (jnp.zeros((N, d), f32), jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32), jnp.zeros(wd.shape, f32))
