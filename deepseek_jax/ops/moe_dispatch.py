@@ -9,7 +9,7 @@ Dispatch (all dropless, all the same function; tests hold each equal to ``dense`
                 place (custom VJP: the backward is the same loop). On CPU, ragged_dot lowers to a masked dense
                 computation; this path does only the routed FLOPs plus < 1 tile of padding per expert
                 (speed against an equal-FLOP matmul: benchmarks/results/moe_dispatch_cpu.md). Reverse-mode only.
-  bucket_tiles  each expert's first C = N*K/E routed rows (its mean load) in a bucket [E, C, d], the expert
+  bucket_tiles  each expert's first C = floor(N*K/E) routed rows (its mean load) in a bucket [E, C, d], the expert
                 GEMMs batched over the buckets (weights read in place, plain autodiff); the rows past an expert's
                 first C through a tile loop like sorted_tiles' that gathers and scatters its rows per tile (no
                 buffer of the padded size), so balanced loads run no tile at all. Row permutations in and out of
@@ -298,8 +298,10 @@ OVERFLOW_TILE = 32  # rows per tile of bucket_tiles' overflow loop: an expert's 
 
 
 def bucket_capacity(n_routed: int, n_experts: int) -> int:
-    """Rows per expert bucket of ``bucket_tiles``: the mean load N*K/E rounded up to a multiple of 8."""
-    return -(-n_routed // (8 * n_experts)) * 8
+    """Rows per expert bucket of ``bucket_tiles``: the mean load N*K/E, rounded down (a bucket row that no routed
+    row fills is computed anyway, so short inputs, e.g. a prefill of a few tokens over many experts, get small or
+    no buckets and go through the overflow tiles instead)."""
+    return n_routed // n_experts
 
 
 def _bucket_layout(idx_nk, E: int, C: int, tile: int):
@@ -368,12 +370,13 @@ def dispatch_bucket_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
     E = wg.shape[0]
     C = bucket_capacity(N * K, E)
     src, dest_nk, _, o_src, o_tile_e, o_used = _bucket_layout(idx_nk, E, C, min(tile, OVERFLOW_TILE))
-    x_cd = _permute_rows(x_nd, src // K, dest_nk)  # slot -> its token (N: the zero row of an empty slot)
-    x_ecd = x_cd.reshape(E, C, -1)
-    h_ecf = swiglu(jnp.einsum("ecd,edf->ecf", x_ecd, wg), jnp.einsum("ecd,edf->ecf", x_ecd, wu))
-    y_cd = jnp.einsum("ecf,efd->ecd", h_ecf.astype(x_nd.dtype), wd).reshape(E * C, -1)
-    y_nkd = _permute_rows(y_cd, dest_nk.reshape(-1), src[:, None]).reshape(N, K, -1)
-    y_nkd = y_nkd + _row_tiles_ffn(x_nd, wg, wu, wd, o_src, o_tile_e, o_used, K)  # each row: one of the two, 0
+    y_nkd = _row_tiles_ffn(x_nd, wg, wu, wd, o_src, o_tile_e, o_used, K)  # the overflow rows; zero elsewhere
+    if C:
+        x_cd = _permute_rows(x_nd, src // K, dest_nk)  # slot -> its token (N: the zero row of an empty slot)
+        x_ecd = x_cd.reshape(E, C, -1)
+        h_ecf = swiglu(jnp.einsum("ecd,edf->ecf", x_ecd, wg), jnp.einsum("ecd,edf->ecf", x_ecd, wu))
+        y_cd = jnp.einsum("ecf,efd->ecd", h_ecf.astype(x_nd.dtype), wd).reshape(E * C, -1)
+        y_nkd = _permute_rows(y_cd, dest_nk.reshape(-1), src[:, None]).reshape(N, K, -1) + y_nkd  # one is 0
     return jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), w_nk)
 
 

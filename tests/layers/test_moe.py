@@ -138,6 +138,23 @@ def test_dispatch_under_jit_all_tokens_one_expert():
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_bucket_tiles_without_buckets():
+    """Fewer routed rows than experts (a prefill of a few tokens): C = floor(N*K/E) = 0, every row goes through the
+    overflow tiles; values and gradients still equal the definition and the dense dispatch."""
+    x, idx, w, (wg, wu, wd) = _problem(N=3, K=2, E=8, skew=False)
+    assert moe_dispatch.bucket_capacity(6, 8) == 0
+    ref = _loop_reference(x, idx, w, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(moe_dispatch.routed_experts(x, idx, w, wg, wu, wd, "bucket_tiles", 128)),
+                               ref, rtol=1e-5, atol=1e-5)
+
+    def loss(name, x, wg, wu, wd):
+        return jnp.sum(jnp.sin(moe_dispatch.routed_experts(x, idx, w, wg, wu, wd, name, 128)))
+
+    for a, b in zip(jax.grad(loss, argnums=(1, 2, 3, 4))("bucket_tiles", x, wg, wu, wd),
+                    jax.grad(loss, argnums=(1, 2, 3, 4))("dense", x, wg, wu, wd)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
 def test_bucket_layout_and_balanced_loads():
     """bucket_tiles with every expert at exactly its capacity (no overflow tile runs) and with the skewed loads of
     _problem (overflowing experts, an empty one): the layout places each routed row once, and values and
