@@ -37,7 +37,6 @@ import numpy as np
 
 from deepseek_jax import config as ds_config
 from deepseek_jax.provenance import command_line, git_rev, machine, utc_now, write_result_files
-from deepseek_jax.layers import moe
 from deepseek_jax.ops import moe_dispatch
 
 SLOW = ("dense", "ragged")
@@ -51,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=64, help="E")
     p.add_argument("--topk", type=int, default=6, help="K")
     p.add_argument("--cases", default="imbalanced,uniform")
-    p.add_argument("--dispatches", default="sorted_tiles,dense,ragged")
+    p.add_argument("--dispatches", default="bucket_tiles,sorted_tiles,dense,ragged")
     p.add_argument("--tiles", default="64,128,256", help="sorted_tiles tile sizes")
     p.add_argument("--slow-cases", default="imbalanced",
                    help="cases in which the slow dispatches (dense, ragged) are timed; elsewhere dense only "
@@ -202,6 +201,8 @@ def main(argv=None):
         for name in dispatches:
             if name == "sorted_tiles":
                 variants += [(name, t) for t in tiles]
+            elif name == "bucket_tiles":  # the overflow's tile is min(moe_tile_size, 32) whatever the tile
+                variants.append((name, ds_config.ModelConfig.__dataclass_fields__["moe_tile_size"].default))
             elif name in SLOW and case not in slow_cases:
                 continue
             else:
@@ -215,9 +216,13 @@ def main(argv=None):
             slow = name in SLOW
             reps, warm = (a.slow_reps, 0) if slow else (a.reps, 2)
             row = {"case": case, "dispatch": name, "tile": tile or None, "load": load_info}
-            if name == "sorted_tiles" and hasattr(moe, "_tile_layout"):
+            if name == "sorted_tiles":
                 _, _, _, n_used = moe_dispatch._tile_layout(idx, E, tile)
                 row["rows_computed_over_routed"] = int(n_used) * tile / NK
+            if name == "bucket_tiles":  # the buckets' E*C rows (filled or not) plus the overflow tiles'
+                C, o_tile = moe_dispatch.bucket_capacity(NK, E), min(tile, moe_dispatch.OVERFLOW_TILE)
+                o_used = moe_dispatch._bucket_layout(idx, E, C, o_tile)[-1]
+                row["rows_computed_over_routed"] = (E * C + int(o_used) * o_tile) / NK
             f, c_s = aot(fwd_fn(name, tile), *args)
             y, pairs = first_call(f, args, mm, (A, B), slow)
             if name == "dense":
@@ -276,7 +281,8 @@ def render(info, rows):
         "on a shared machine cancel; in brackets min(dispatch) / min(baseline). Slow dispatches: one post-compile "
         "call over the median of 3 baseline reps. fwd+bwd = grad wrt x, W_gate, W_up, W_down (3x the forward "
         "FLOPs, so ~3.0 is the floor). "
-        "`rows` = rows pushed through the expert matmuls / routed rows N*K (tile padding). err = max|diff| / "
+        "`rows` = rows pushed through the expert matmuls / routed rows N*K (tile padding; bucket_tiles: its E*C "
+        "bucket rows, filled or not, plus its overflow tiles). err = max|diff| / "
         "max|dense| of the output (fwd) and of each gradient (fwd+bwd).",
         "",
         "| case | dispatch | tile | rows | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | reps | fwd err "
@@ -287,7 +293,7 @@ def render(info, rows):
         fb = r.get("fwdbwd")
         out.append(
             f"| {r['case']} | {r['dispatch']} | {r['tile'] or '-'} | "
-            f"{_fmt(r.get('rows_computed_over_routed'), '.2f') if r['dispatch'] == 'sorted_tiles' else '-'} | "
+            f"{_fmt(r.get('rows_computed_over_routed'), '.2f') if r.get('rows_computed_over_routed') else '-'} | "
             f"{r['fwd']['ms_median']:.1f} | **{r['fwd']['ratio']:.2f}** ({r['fwd']['ratio_of_mins']:.2f}) | "
             f"{_fmt(fb and fb['ms_median'], '.1f')} | "
             f"{'n/a' if not fb else format(fb['ratio'], '.2f') + ' (' + format(fb['ratio_of_mins'], '.2f') + ')'} | "

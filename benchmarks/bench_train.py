@@ -606,7 +606,8 @@ def main(argv=None):
                     help="';'-separated XLA_FLAGS settings, each timed as one more of our contenders (flag studies)")
     ap.add_argument("--xla-defaults", action="store_true",
                     help="also time ours without deepseek_jax.compat.CPU_XLA_FLAGS (XLA's own CPU defaults)")
-    ap.add_argument("--dispatch", default="auto", help="our moe_dispatch (auto = sorted_tiles on CPU)")
+    ap.add_argument("--dispatch", default="auto",
+                    help="our moe_dispatch (auto on CPU = bucket_tiles at these expert widths)")
     ap.add_argument("--baseline", default="",
                     help="other checkouts, comma-separated (e.g. git worktrees of earlier commits): the deepseek_jax "
                          "of each is timed as one more contender, in its own process and rounds like the others (an "
@@ -670,7 +671,7 @@ def main(argv=None):
                 f"is the median of per-round ratios against the fastest transformers row; 'best / best' = fastest "
                 f"transformers step / the row's fastest step",
                 f"- ours: `make_train_step(cfg, default_train_config())` jit(donate_argnums=0) on `preset('small', "
-                f"**shape)` (its scan_unroll), no BOS/EOS, no YaRN, moe_dispatch={args.dispatch} (auto = sorted_tiles "
+                f"**shape)` (its scan_unroll), no BOS/EOS, no YaRN, moe_dispatch={args.dispatch} (auto = bucket_tiles "
                 f"on CPU), AdamW + clip 1.0 + balance loss alpha 1e-4 + bias update",
                 f"- transformers {versions.get('transformers')}: torch {versions.get('torch')} eager, "
                 f"attn_implementation={hf_row['attn_implementation']}, experts implementation {args.experts}, "

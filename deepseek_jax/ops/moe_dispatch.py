@@ -18,7 +18,7 @@ Dispatch (all dropless, all the same function; tests hold each equal to ``dense`
                 map (ops/grouped_gemm.py: Pallas Triton on GPU, megablox on TPU); custom VJP: the backward
                 GEMMs are grouped too. On XLA:GPU ragged_dot can be rewritten into a dense dot (E times the
                 FLOPs), which this path cannot.
-  auto          bucket_tiles on CPU, grouped on GPU and TPU.
+  auto          grouped on GPU and TPU; on CPU bucket_tiles up to expert width 128, sorted_tiles above.
   gather        each routed row's expert weights gathered per row ([N*K, d, F]) and one batched matmul: reads
                 N*K expert weights, no sort and no loop. For decode steps, where N*K is a handful of rows
                 (generate.py picks it for N*K <= 8 on CPU).
@@ -455,17 +455,24 @@ DISPATCHES = {
 }
 
 
-def resolve_dispatch(name: str) -> str:
-    """"auto" -> the platform's choice (bucket_tiles on CPU, the grouped GEMM on GPU and TPU); other names pass
-    through."""
+BUCKET_MAX_WIDTH = 128  # auto on CPU: bucket_tiles up to this expert width F, sorted_tiles above
+
+
+def resolve_dispatch(name: str, width: int = 0) -> str:
+    """"auto" -> the platform's choice: the grouped GEMM on GPU and TPU; on CPU bucket_tiles for expert widths
+    ``width`` (F) up to BUCKET_MAX_WIDTH, where the tile loop's small matmuls are slow, and sorted_tiles above it,
+    where they are not (benchmarks/results/moe_dispatch_*cpu.md: bucket_tiles wins at F = 64 and 128 and loses at
+    F = 512; between them it is unmeasured). Other names pass through."""
     if name == "auto":
-        return "bucket_tiles" if jax.default_backend() == "cpu" else "grouped"
+        if jax.default_backend() != "cpu":
+            return "grouped"
+        return "bucket_tiles" if width <= BUCKET_MAX_WIDTH else "sorted_tiles"
     return name
 
 
 def routed_experts(x_nd, idx_nk, w_nk, wg, wu, wd, dispatch: str, tile: int = 128):
     """sum_k g_k * FFN_{e_k}(x) for every token, by the named dispatch. Returns fp32 [N, d]."""
-    name = resolve_dispatch(dispatch)
+    name = resolve_dispatch(dispatch, wg.shape[2])
     if name not in DISPATCHES:
         raise ValueError(f"moe_dispatch: unknown dispatch {dispatch!r}; known: {sorted(DISPATCHES)}")
     return DISPATCHES[name](x_nd, idx_nk, w_nk, wg, wu, wd, tile=tile)

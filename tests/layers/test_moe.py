@@ -189,7 +189,10 @@ def test_bucket_layout_and_balanced_loads():
 
 
 def test_auto_dispatch_resolves_per_backend():
-    assert moe_dispatch.resolve_dispatch("auto") == ("bucket_tiles" if jax.default_backend() == "cpu" else "grouped")
+    cpu = jax.default_backend() == "cpu"
+    assert moe_dispatch.resolve_dispatch("auto", 128) == ("bucket_tiles" if cpu else "grouped")
+    assert moe_dispatch.resolve_dispatch("auto", 512) == ("sorted_tiles" if cpu else "grouped")
+    assert moe_dispatch.resolve_dispatch("sorted_tiles", 64) == "sorted_tiles"
 
 
 def test_moe_module_aux_statistics():
