@@ -195,6 +195,7 @@ def _tiled_ffn_bwd(res, ct_nkd):
     f32 = jnp.float32
     ct_flat = ct_nkd.reshape(N * K, d)
     ct_pad = jnp.concatenate([ct_flat, jnp.zeros((1, d), ct_flat.dtype)])[src]  # zero on padding slots
+
     def body(t, carry):
         dx_pad, dwg, dwu, dwd = carry
         r0 = t * tile
@@ -265,6 +266,7 @@ def _row_tiles_ffn_bwd(K, res, ct_nkd):
     f32 = jnp.float32
     x_ext = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
     ct_ext = jnp.concatenate([ct_nkd.reshape(N * K, d), jnp.zeros((1, d), ct_nkd.dtype)])
+
     def body(t, carry):
         dx, dwg, dwu, dwd = carry
         e = tile_e[t]
@@ -363,9 +365,10 @@ _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 def dispatch_bucket_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
     """Each expert's first C = ``bucket_capacity`` routed rows in a bucket [E, C, d], the three expert GEMMs
     batched over the buckets (one batched matmul each, weights read in place); the rows past an expert's first C
-    (the overflow: none when loads are balanced, a few tiles when not) through the ``sorted_tiles`` loop. Still
-    dropless, the same function as ``dense``; on CPU the batched GEMMs run at several times the speed of the
-    tile loop's many small ones (benchmarks/results/moe_dispatch_cpu.md)."""
+    (the overflow: none when loads are balanced, a few tiles when not) through a tile loop of ``OVERFLOW_TILE``-row
+    tiles (``_row_tiles_ffn``). Still dropless, the same function as ``dense``. On CPU, at expert widths up to 128,
+    the batched GEMMs beat the tile loop's many small matmuls; at 512 they do not
+    (benchmarks/results/moe_dispatch_bench_width_cpu.md, moe_dispatch_cpu.md)."""
     N, K = idx_nk.shape
     E = wg.shape[0]
     C = bucket_capacity(N * K, E)
