@@ -282,6 +282,51 @@ def make_optimizer(opt_cfg, schedule: Optional[Schedule] = None) -> optax.Gradie
     return optax.chain(*parts)
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# One guarded step, in place
+# ---------------------------------------------------------------------------------------------------------------
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one ScaleByAdamState in the optimizer state, found {len(found)}")
+    return found[0]
+
+
+def adamw_update_from_moments(opt_cfg, adam_state: optax.ScaleByAdamState, params, lr) -> Any:
+    """The update ``make_optimizer(opt_cfg)`` makes, -lr (m_hat / (sqrt(v_hat) + eps) + wd p), computed from the
+    moments (and count) it has just stored: the same operations as optax's ``scale_by_adam`` (fp32 moments),
+    ``add_decayed_weights`` under ``decay_mask`` and ``scale_by_lr_at_step``, so the same bits."""
+    b1, b2, eps, wd = (opt_cfg[k] for k in ("b1", "b2", "eps", "weight_decay"))
+    c = adam_state.count
+    bc1, bc2 = 1 - b1 ** c, 1 - b2 ** c
+    mask = decay_mask(params)
+
+    def leaf(m, v, p, decay):
+        u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + eps)
+        if wd and decay:
+            u = u + float(wd) * p
+        return (-lr * u).astype(u.dtype)
+    return jax.tree_util.tree_map(leaf, adam_state.mu, adam_state.nu, params, mask)
+
+
+def guarded_step(opt, opt_cfg, grads, opt_state, params, step, ok) -> Tuple[Any, Any]:
+    """(params, opt_state) after one step of ``opt = make_optimizer(opt_cfg)`` where ``ok``, unchanged elsewhere:
+    bitwise ``where(ok, opt.update ... apply_updates, old)``, arranged so that XLA reads and writes every parameter
+    and moment once, in place. The moments are selected first; the parameters' update is then computed from the
+    SELECTED moments (equal to the new ones wherever ``ok``), so no buffer of the new moments must outlive the
+    old ones. With bf16 moments the update is computed from the fp32 moments before their rounding, so there it
+    is the direct where(ok, new, old)."""
+    updates, new_state = opt.update(grads, opt_state, params, step=step)
+    where = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    state_out = where(new_state, opt_state)
+    if not opt_cfg.bf16_moments:
+        updates = adamw_update_from_moments(opt_cfg, _adam_state(state_out), params,
+                                            schedule_from_config(opt_cfg)(step))
+    return where(optax.apply_updates(params, updates), params), state_out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A cheap proof that an update is finite (the train step's non-finite guard, BUILD.md "CPU speed")
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,11 +336,8 @@ STATE_NORM_LIMIT = 1e30    # the new parameters' and the second moment's bounds 
 
 def adam_moments(opt_state) -> Tuple[Any, Any]:
     """(mu, nu) of the Adam state inside a ``make_optimizer`` state."""
-    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-             if isinstance(s, optax.ScaleByAdamState)]
-    if len(found) != 1:
-        raise ValueError(f"adam_moments: expected one ScaleByAdamState in the optimizer state, found {len(found)}")
-    return found[0].mu, found[0].nu
+    adam = _adam_state(opt_state)
+    return adam.mu, adam.nu
 
 
 def _norm(tree) -> jax.Array:

@@ -44,7 +44,7 @@ from deepseek_jax import model as model_lib
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.router import LOAD_COLLECTION
 from deepseek_jax.train import losses
-from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, make_optimizer, paper_gamma_switch_step,
+from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, guarded_step, make_optimizer, paper_gamma_switch_step,
                                           paper_lambda_switch_step, paper_lr_phases, schedule_from_config,
                                           step_function, update_surely_finite)
 
@@ -493,7 +493,6 @@ def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callabl
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
         grad_norm = optax.global_norm(grads)
-        new_params, new_opt_state = apply_optimizer(opt, grads, state.opt_state, state.params, step)[:2]
 
         new_router = state.router
         if bias_on:
@@ -504,14 +503,10 @@ def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callabl
         # everything that reaches a checkpoint must be finite, the router bias included
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_router)
         ok = ok & update_lands(opt, train_cfg.optim, grads, grad_norm, state.opt_state, state.params, step, lr, ok)
-        params_out = _tree_where(ok, new_params, state.params)
-        # the same value as ok (whenever ok, the new parameters are finite), but the moments now land after the
-        # parameters: a data dependency that lets XLA update the moments in place instead of copying them to keep
-        # the old values the parameters' update reads (BUILD.md "CPU speed")
-        ok_m = ok & all_finite(params_out)
+        params_out, opt_state_out = guarded_step(opt, train_cfg.optim, grads, state.opt_state, state.params, step, ok)
         new_state = TrainState(step=step + 1,
                                params=params_out,
-                               opt_state=_tree_where(ok_m, new_opt_state, state.opt_state),
+                               opt_state=opt_state_out,
                                router=_tree_where(ok, new_router, state.router),
                                skipped=state.skipped + (~ok).astype(jnp.int32))
         return new_state, step_metrics(loss, parts, norm, grad_norm, (lr, lam, gamma), ok, new_state)

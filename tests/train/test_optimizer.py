@@ -252,3 +252,37 @@ def test_update_surely_finite_is_false_where_it_cannot_prove():
     huge = {"w": jnp.full((4, 4), 1e35)}
     assert not bool(O.update_surely_finite(cfg, huge, state, optax.global_norm(g), 0.1))
     assert not bool(O.update_surely_finite(cfg, params, state, jnp.float32(jnp.inf), 0.1))
+
+
+@pytest.mark.parametrize("bf16_moments", [False, True])
+def test_guarded_step_is_where_of_the_optax_step(bf16_moments):
+    """guarded_step (the moments selected first, the update computed again from them) against optax's own step
+    under where(ok, new, old), bit for bit: over 4 steps (Adam's bias correction changes with the count), with the
+    gradient clipped on some steps and not others, a decayed matrix and an undecayed norm gain, and a refused step
+    (ok False) in the middle, which must leave params and state (its count included) as they were."""
+    tc = default_train_config(total_steps=10)
+    tc.optim.update(dict(peak_lr=3e-2, warmup_steps=2, constant_steps=8, cosine_steps=0, final_stages=[],
+                         bf16_moments=bf16_moments))
+    opt = O.make_optimizer(tc.optim)
+    params = {"w": jnp.linspace(-1.0, 1.0, 48).reshape(6, 8), "n": {"scale": jnp.linspace(0.5, 1.5, 8)}}
+    state = opt.init(params)
+    ref_p, ref_s = params, state
+    where = lambda ok, a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), a, b)
+
+    @jax.jit
+    def ref_step(p, s, g, step, ok):
+        u, s2 = opt.update(g, s, p, step=step)
+        return where(ok, optax.apply_updates(p, u), p), where(ok, s2, s)
+
+    guarded = jax.jit(lambda p, s, g, step, ok: O.guarded_step(opt, tc.optim, g, s, p, step, ok))
+    for step, (scale, ok) in enumerate([(0.01, True), (5.0, True), (3.0, False), (0.02, True), (4.0, True)]):
+        step += 1  # lr(0) = 0 in the warmup
+        g = jax.tree_util.tree_map(lambda p: scale * jnp.sin(3.0 * p + step), params)
+        ref_p, ref_s = ref_step(ref_p, ref_s, g, step, jnp.asarray(ok))
+        before = (params, state)
+        params, state = guarded(params, state, g, step, jnp.asarray(ok))
+        for a, b in zip(jax.tree_util.tree_leaves((params, state)), jax.tree_util.tree_leaves((ref_p, ref_s))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        changed = [bool(jnp.any(a != b)) for a, b in zip(jax.tree_util.tree_leaves(before),
+                                                           jax.tree_util.tree_leaves((params, state)))]
+        assert all(changed) if ok else not any(changed), (step, changed)
