@@ -218,68 +218,61 @@ def _tiled_ffn_bwd(res, ct_nkd):
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)
 
 
-def _row_tiles_forward(x_nd, wg, wu, wd, src, tile_e, n_used, K: int, keep: bool):
-    """The tile loop of ``_tiled_ffn`` for a layout that holds only some routed rows, with no buffer of the
-    layout's padded size: each used tile gathers its rows of x and scatters its outputs to their routed rows (the
-    padding slots, src == N*K, are dropped), so a loop over few tiles costs few tiles."""
+def _row_tiles_forward(x_nd, wg, wu, wd, y_nkd, src, tile_e, n_used, K: int):
+    """The tile loop of ``_tiled_ffn`` for a layout that holds only some routed rows, writing their outputs into
+    ``y_nkd``, with no buffer of the layout's padded size: each used tile gathers its rows of x and scatters its
+    outputs to their routed rows (the padding slots, src == N*K, are dropped), so a loop over few tiles costs
+    few tiles."""
     N, d = x_nd.shape
-    NK, F = N * K, wg.shape[2]
     tile = src.shape[0] // tile_e.shape[0]
-    x_ext = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])  # row N: the zero row of padding slots
 
-    def body(t, carry):
+    def body(t, y):
         e = tile_e[t]
         s_t = jax.lax.dynamic_slice_in_dim(src, t * tile, tile)
-        x_t = x_ext[s_t // K]
-        a, b = x_t @ _take(wg, e), x_t @ _take(wu, e)
-        y_t = swiglu(a, b) @ _take(wd, e)
-        out = (carry[0].at[s_t].set(y_t.astype(carry[0].dtype), mode="drop", unique_indices=True),)
-        if keep:  # pre-activations, for the backward pass
-            out += tuple(c.at[s_t].set(v, mode="drop", unique_indices=True) for c, v in zip(carry[1:], (a, b)))
-        return out
+        x_t = _rows(x_nd, s_t // K)  # a padding slot reads row N: zero
+        y_t = swiglu(x_t @ _take(wg, e), x_t @ _take(wu, e)) @ _take(wd, e)
+        return y.at[s_t].set(y_t.astype(y.dtype), mode="drop", unique_indices=True)
 
-    out_dt = jnp.result_type(x_nd.dtype, wd.dtype)
-    act_dt = jnp.result_type(x_nd.dtype, wg.dtype)
-    init = (jnp.zeros((NK, d), out_dt),) + ((jnp.zeros((NK, F), act_dt),) * 2 if keep else ())
-    out = jax.lax.fori_loop(0, n_used, body, init)
-    return out[0].reshape(N, K, d), tuple(out[1:])
+    return jax.lax.fori_loop(0, n_used, body, y_nkd.reshape(N * K, d)).reshape(N, K, d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _row_tiles_ffn(x_nd, wg, wu, wd, src, tile_e, n_used, K):
-    """SwiGLU_{e}(x_n) for the routed rows (n, k) that ``src`` lays out, zero for the others: [N, K, d]."""
-    return _row_tiles_forward(x_nd, wg, wu, wd, src, tile_e, n_used, K, keep=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _row_tiles_ffn(x_nd, wg, wu, wd, y_nkd, src, tile_e, n_used, K):
+    """``y_nkd`` with the routed rows (n, k) that ``src`` lays out replaced by SwiGLU_{e}(x_n): [N, K, d]."""
+    return _row_tiles_forward(x_nd, wg, wu, wd, y_nkd, src, tile_e, n_used, K)
 
 
-def _row_tiles_ffn_fwd(x_nd, wg, wu, wd, src, tile_e, n_used, K):
-    y, (a_rf, b_rf) = _row_tiles_forward(x_nd, wg, wu, wd, src, tile_e, n_used, K, keep=True)
-    return y, (x_nd, a_rf, b_rf, wg, wu, wd, src, tile_e, n_used)
+def _row_tiles_ffn_fwd(x_nd, wg, wu, wd, y_nkd, src, tile_e, n_used, K):
+    y = _row_tiles_forward(x_nd, wg, wu, wd, y_nkd, src, tile_e, n_used, K)
+    return y, (x_nd, wg, wu, wd, src, tile_e, n_used)
 
 
 def _row_tiles_ffn_bwd(K, res, ct_nkd):
-    """The same loop backwards (the math of ``_tiled_ffn_bwd``): each tile gathers its rows' cotangents and
-    pre-activations, accumulates its expert's weight gradients (fp32) and scatter-adds its rows' input gradients
-    to their tokens (a tile holds one expert's rows, so each token at most once)."""
-    x_nd, a_rf, b_rf, wg, wu, wd, src, tile_e, n_used = res
+    """The same loop backwards (the math of ``_tiled_ffn_bwd``): each tile gathers its rows' cotangents, computes
+    its rows' pre-activations again (no buffer of them is kept from the forward pass: the overflow is a few tiles),
+    accumulates its expert's weight gradients (fp32) and scatter-adds its rows' input gradients to their tokens
+    (a tile holds one expert's rows, so each token at most once). ``y_nkd``'s cotangent is ``ct_nkd`` except on
+    the rows the loop replaced."""
+    x_nd, wg, wu, wd, src, tile_e, n_used = res
     N, d = x_nd.shape
     tile = src.shape[0] // tile_e.shape[0]
     f32 = jnp.float32
-    x_ext = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
-    ct_ext = jnp.concatenate([ct_nkd.reshape(N * K, d), jnp.zeros((1, d), ct_nkd.dtype)])
+    ct_rd = ct_nkd.reshape(N * K, d)
 
     def body(t, carry):
         dx, dwg, dwu, dwd = carry
         e = tile_e[t]
         s_t = jax.lax.dynamic_slice_in_dim(src, t * tile, tile)
-        x_t = x_ext[s_t // K]
-        dy_t = ct_ext[s_t].astype(x_t.dtype)
-        a, b = (_rows(v, s_t).astype(f32) for v in (a_rf, b_rf))
+        x_t = _rows(x_nd, s_t // K)
+        dy_t = _rows(ct_rd, s_t).astype(x_t.dtype)
+        a, b = ((x_t @ _take(w, e)).astype(f32) for w in (wg, wu))
         dx_t, dwg, dwu, dwd = _swiglu_tile_bwd(x_t, dy_t, a, b, e, wg, wu, wd, dwg, dwu, dwd)
         return dx.at[s_t // K].add(dx_t, mode="drop", unique_indices=True), dwg, dwu, dwd
 
     init = (jnp.zeros((N, d), f32), jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32), jnp.zeros(wd.shape, f32))
     dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
-    return (dx.astype(x_nd.dtype), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype),
+    dy = ct_rd.at[src].set(0, mode="drop").reshape(ct_nkd.shape)
+    return (dx.astype(x_nd.dtype), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype), dy,
             None, None, None)
 
 
@@ -373,13 +366,15 @@ def dispatch_bucket_tiles(x_nd, idx_nk, w_nk, wg, wu, wd, tile: int):
     E = wg.shape[0]
     C = bucket_capacity(N * K, E)
     src, dest_nk, _, o_src, o_tile_e, o_used = _bucket_layout(idx_nk, E, C, min(tile, OVERFLOW_TILE))
-    y_nkd = _row_tiles_ffn(x_nd, wg, wu, wd, o_src, o_tile_e, o_used, K)  # the overflow rows; zero elsewhere
     if C:
         x_cd = _permute_rows(x_nd, src // K, dest_nk)  # slot -> its token (N: the zero row of an empty slot)
         x_ecd = x_cd.reshape(E, C, -1)
         h_ecf = swiglu(jnp.einsum("ecd,edf->ecf", x_ecd, wg), jnp.einsum("ecd,edf->ecf", x_ecd, wu))
         y_cd = jnp.einsum("ecf,efd->ecd", h_ecf.astype(x_nd.dtype), wd).reshape(E * C, -1)
-        y_nkd = _permute_rows(y_cd, dest_nk.reshape(-1), src[:, None]).reshape(N, K, -1) + y_nkd  # one is 0
+        y_nkd = _permute_rows(y_cd, dest_nk.reshape(-1), src[:, None]).reshape(N, K, -1)  # 0 on overflow rows
+    else:
+        y_nkd = jnp.zeros((N, K, x_nd.shape[1]), jnp.result_type(x_nd.dtype, wd.dtype))
+    y_nkd = _row_tiles_ffn(x_nd, wg, wu, wd, y_nkd, o_src, o_tile_e, o_used, K)  # the overflow rows written in
     return jnp.einsum("nkd,nk->nd", y_nkd.astype(jnp.float32), w_nk)
 
 
