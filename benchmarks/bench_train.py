@@ -263,10 +263,13 @@ def worker(spec: dict) -> int:
                 sys.path.insert(0, spec["root"])
             if kind == "ours":
                 from deepseek_jax import compat
+                applied = []
                 if spec.get("xla_flags") is not None:  # --xla-flags: exactly these
                     os.environ["XLA_FLAGS"] = spec["xla_flags"]
                     os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
-                elif spec.get("cpu_flags", True):  # what experiments.run and the notebooks run with
+                elif spec.get("cpu_flags", True) and spec.get("host", True) and hasattr(compat, "use_cpu_settings"):
+                    applied = compat.use_cpu_settings()  # what experiments.run and the notebooks run with
+                elif spec.get("cpu_flags", True):  # --host-defaults (or a baseline checkout from before the settings)
                     compat.use_cpu_xla_flags()
                 else:
                     os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
@@ -281,18 +284,24 @@ def worker(spec: dict) -> int:
                         "moe_dispatch": cfg.moe_dispatch, "mtp": cfg.num_nextn_predict_layers,
                         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
                         "threads": {"xla": f"default (all {os.cpu_count()} cores)",
-                                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}}
+                                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+                        "host": [a for a in applied if a in getattr(compat, "HOST_SETTINGS", ())]}
                 handlers["peak"] = lambda msg: jax_matmul_peak()
                 handlers["profile"] = lambda msg: profile_step(compiled, step)
             elif kind == "hf":
                 import torch
                 import transformers
                 torch.set_num_threads(spec["threads"] or os.cpu_count())
+                host = []
+                if spec.get("malloc"):  # --hf-malloc: the malloc settings our entry points apply, for torch too
+                    from deepseek_jax.host import keep_freed_memory  # the standard library only: no jax
+                    host = ["mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)"] if keep_freed_memory() else []
                 t0 = time.perf_counter()
                 step, box, info = build_hf(shape, spec["attn"], spec["experts"])
                 info["build_s"] = time.perf_counter() - t0
                 info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
                 info["threads"] = {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads()}
+                info["host"] = host
                 handlers["peak"] = lambda msg: torch_matmul_peak()
             else:
                 raise ValueError(f"unknown worker kind {kind!r}")
@@ -425,6 +434,9 @@ def start(name: str, spec: dict, timeout: float, pool: list, echo: bool = True):
 def run_shape(shape: dict, args) -> dict:
     tokens = shape["batch"] * shape["seq"]
     specs = [("deepseek_jax (no MTP)", {"kind": "ours", "mtp": 0, "cpu_flags": True})]
+    if args.host_defaults:
+        specs.append(("deepseek_jax (no MTP, host defaults: asynchronous dispatch, glibc's malloc defaults)",
+                      {"kind": "ours", "mtp": 0, "cpu_flags": True, "host": False}))
     if args.xla_defaults:
         specs.append(("deepseek_jax (no MTP, XLA's default flags)", {"kind": "ours", "mtp": 0, "cpu_flags": False}))
     for flags in (args.xla_flags.split(";") if args.xla_flags else []):
@@ -438,6 +450,10 @@ def run_shape(shape: dict, args) -> dict:
     for experts in args.experts.split(","):
         specs.append((f"transformers (experts={experts})", {"kind": "hf", "attn": args.attn, "experts": experts,
                                                              "threads": args.threads}))
+        if args.hf_malloc:
+            specs.append((f"transformers (experts={experts}, malloc settings)",
+                          {"kind": "hf", "attn": args.attn, "experts": experts, "threads": args.threads,
+                           "malloc": True}))
     load_before = loadavg()
     print(f"\n== shape {shape['name']}: {shape['about']}; batch {shape['batch']} x seq {shape['seq']} "
           f"(load {load_before})", flush=True)
@@ -448,7 +464,8 @@ def run_shape(shape: dict, args) -> dict:
                             args.timeout, pool)
             if spec["kind"] == "hf":
                 name = w.name = (f"transformers DeepseekV3ForCausalLM (torch eager, attn={info['attn_implementation']}"
-                                 f", experts={info['experts_implementation']})")
+                                 f", experts={info['experts_implementation']}"
+                                 + (f", {' '.join(info['host'])}" if info["host"] else "") + ")")
                 print(f"ready: {name}: built in {info['build_s']:.1f} s, {info['threads']['torch']} torch threads, "
                       f"params {info['total_params']:,}, warmup losses {info['warmup_losses']}", flush=True)
             else:
@@ -515,7 +532,7 @@ def run_shape(shape: dict, args) -> dict:
         ratios = [h / t for h, t in zip(times[hf_name], ts)]
         keep = {k: info[k] for k in ("kind", "mtp", "compile_s", "build_s", "total_params", "activated_params",
                                      "scan_unroll", "moe_dispatch", "attn_implementation", "experts_implementation",
-                                     "threads", "versions", "warmup_losses", "code") if k in info}
+                                     "threads", "versions", "warmup_losses", "code", "host") if k in info}
         rows.append({"name": name, "step_ms_median": med * 1e3, "step_ms_min": min(ts) * 1e3,
                      "step_ms_all": [t * 1e3 for t in ts], "tokens_per_s": tps, "tokens_per_s_best": tokens / min(ts),
                      "speedup_vs_transformers": statistics.median(ratios),
@@ -604,6 +621,11 @@ def main(argv=None):
     ap.add_argument("--mtp", action="store_true", help="also time ours with num_nextn_predict_layers=1")
     ap.add_argument("--xla-flags", default="",
                     help="';'-separated XLA_FLAGS settings, each timed as one more of our contenders (flag studies)")
+    ap.add_argument("--host-defaults", action="store_true",
+                    help="also time ours without compat.use_cpu_settings' host settings (asynchronous dispatch, "
+                         "glibc's malloc defaults)")
+    ap.add_argument("--hf-malloc", action="store_true",
+                    help="also time transformers under the malloc settings our entry points apply (deepseek_jax.host)")
     ap.add_argument("--xla-defaults", action="store_true",
                     help="also time ours without deepseek_jax.compat.CPU_XLA_FLAGS (XLA's own CPU defaults)")
     ap.add_argument("--dispatch", default="auto",
@@ -657,6 +679,7 @@ def main(argv=None):
             rev, rec = prov["git"], prov["machine"]
             any_res = next(iter(results.values()))
             hf_row = next(r for r in any_res["rows"] if r["kind"] == "hf")
+            ours_host = any_res["rows"][0].get("host") or []
             out = {"command": cmd, "date": date, "git": rev, "machine": rec, "method": METHOD, "threads": threads,
                    "versions": versions, "steps": args.steps, "warmup": args.warmup, "shapes": results}
             md = [
@@ -672,7 +695,8 @@ def main(argv=None):
                 f"transformers step / the row's fastest step",
                 f"- ours: `make_train_step(cfg, default_train_config())` jit(donate_argnums=0) on `preset('small', "
                 f"**shape)` (its scan_unroll), no BOS/EOS, no YaRN, moe_dispatch={args.dispatch} (auto = bucket_tiles "
-                f"on CPU), AdamW + clip 1.0 + balance loss alpha 1e-4 + bias update",
+                f"on CPU), AdamW + clip 1.0 + balance loss alpha 1e-4 + bias update; host settings "
+                f"(deepseek_jax.compat.use_cpu_settings, as experiments.run): {', '.join(ours_host) or 'none'}",
                 f"- transformers {versions.get('transformers')}: torch {versions.get('torch')} eager, "
                 f"attn_implementation={hf_row['attn_implementation']}, experts implementation {args.experts}, "
                 f"AdamW(betas (0.9, 0.95), wd 0.1), clip_grad_norm_ 1.0; same fields, untied head, no MTP",

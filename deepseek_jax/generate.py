@@ -488,7 +488,7 @@ def main(argv=None) -> int:
                     help="MTP self-speculative decoding (greedy, one prompt); prints acceptance and speed-up")
     ap.add_argument("--dtype", default="float32", help="compute dtype (--hf: also the parameter dtype)")
     args = ap.parse_args(argv)
-    compat.use_cpu_xla_flags()  # before jax starts its backends (BUILD.md "CPU speed")
+    compat.use_cpu_settings()  # before jax starts its backends (BUILD.md "CPU speed")
 
 
     if args.checkpoint:

@@ -138,7 +138,7 @@ def _resolved_config():
 
 def main(argv):
     del argv
-    compat.use_cpu_xla_flags()  # before jax starts its backends (BUILD.md "CPU speed")
+    compat.use_cpu_settings()  # before jax starts its backends (BUILD.md "CPU speed")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     if _COMPILE_CACHE.value and not _DISTRIBUTED.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         import jax

@@ -8,10 +8,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 # once, when the backend starts. Everything else is unaffected: jit and device_put still place on device 0.
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-# The XLA:CPU flags the entry points add (deepseek_jax.compat.CPU_XLA_FLAGS): the tests run what users run.
+# The XLA:CPU flags and host settings the entry points apply (deepseek_jax.compat.use_cpu_settings): the tests run
+# what users run.
 from deepseek_jax import compat  # noqa: E402  (imports jax; its backends start later, at the first computation)
 
-compat.use_cpu_xla_flags()
+compat.use_cpu_settings()
 # One persistent compilation cache for the whole session, inherited by the subprocesses of the loop tests, so
 # identical train steps compiled by several runs (kill / resume) compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "deepseek_jax_test_cache"))

@@ -1,7 +1,12 @@
-"""deepseek_jax.compat.use_cpu_xla_flags: the XLA:CPU flags the entry points add, and when they must not."""
+"""deepseek_jax.compat.use_cpu_xla_flags / use_cpu_settings: the XLA:CPU flags and host settings the entry points
+apply, and when they must not."""
 
+import os
+import platform
 import subprocess
 import sys
+
+import pytest
 
 from deepseek_jax import compat
 
@@ -35,3 +40,46 @@ def test_too_late_changes_nothing():
     before = os.environ.get("XLA_FLAGS")
     assert compat.use_cpu_xla_flags() == []
     assert os.environ.get("XLA_FLAGS") == before
+
+
+_FAULTS = """
+import json, resource
+from deepseek_jax import compat
+applied = compat.use_cpu_settings()
+import jax, jax.numpy as jnp
+def g(a):  # no GEMM (a GEMM library's own scratch is not XLA's): ~100 MB of XLA's temporaries
+    b = jnp.sort(jnp.sin(a), axis=0)
+    c = jnp.sort(jnp.cos(a) + b, axis=1)
+    return jnp.sum(b * c) + jnp.sum(jnp.cumsum(c, axis=0))
+a = jnp.ones((3000, 3000), jnp.float32)
+f = jax.jit(g).lower(a).compile()
+f(a).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    f(a).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 4
+print(json.dumps({"applied": applied, "faults": faults, "temp_pages": f.memory_analysis().temp_size_in_bytes / 4096,
+                  "async": jax.config.values["jax_cpu_enable_async_dispatch"], "again": compat.use_cpu_settings()}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_host_settings_keep_a_steps_memory():
+    """compat.use_cpu_settings' host settings, observed through the kernel's page-fault counter in fresh processes:
+    a jitted call whose temporaries (~100 MB) glibc would serve with mmap faults most of their pages in again at
+    every call under the defaults (DEEPSEEK_JAX_NO_CPU_FLAGS=1: nothing applied), and almost none with the settings;
+    once jax's backends are up, a second call applies nothing."""
+    import json
+    out = {}
+    for name, extra in (("on", {}), ("off", {compat.NO_CPU_FLAGS_ENV: "1"})):
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", compat.NO_CPU_FLAGS_ENV)}
+        r = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, env={**env, **extra},
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    on, off = out["on"], out["off"]
+    assert on["temp_pages"] > 64 * 2**20 / 4096  # larger than a malloc arena's heap: mmap under the defaults
+    assert on["applied"][-2:] == list(compat.HOST_SETTINGS) and on["async"] is False and on["again"] == []
+    assert off["applied"] == [] and off["async"] is True
+    assert off["faults"] > 0.5 * off["temp_pages"], out
+    assert on["faults"] < 0.05 * on["temp_pages"], out
