@@ -282,7 +282,6 @@ def make_optimizer(opt_cfg, schedule: Optional[Schedule] = None) -> optax.Gradie
     return optax.chain(*parts)
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # One guarded step, in place
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,7 +303,7 @@ def adamw_update_from_moments(opt_cfg, adam_state: optax.ScaleByAdamState, param
     mask = decay_mask(params)
 
     def leaf(m, v, p, decay):
-        u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + eps)
+        u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + eps)  # + eps_root 0.0, as optax
         if wd and decay:
             u = u + float(wd) * p
         return (-lr * u).astype(u.dtype)
