@@ -294,8 +294,8 @@ def worker(spec: dict) -> int:
                 torch.set_num_threads(spec["threads"] or os.cpu_count())
                 host = []
                 if spec.get("malloc"):  # --hf-malloc: the malloc settings our entry points apply, for torch too
-                    from deepseek_jax.host import keep_freed_memory  # the standard library only: no jax
-                    host = ["mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)"] if keep_freed_memory() else []
+                    from deepseek_jax import host as host_lib  # the standard library only: no jax
+                    host = [host_lib.SETTINGS] if host_lib.keep_freed_memory() else []
                 t0 = time.perf_counter()
                 step, box, info = build_hf(shape, spec["attn"], spec["experts"])
                 info["build_s"] = time.perf_counter() - t0

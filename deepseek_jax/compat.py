@@ -179,7 +179,7 @@ def use_cpu_xla_flags(environ=None) -> list:
     return added
 
 
-HOST_SETTINGS = ("jax_cpu_enable_async_dispatch=False", "mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)")
+HOST_SETTINGS = ("jax_cpu_enable_async_dispatch=False", host.SETTINGS)
 
 
 def use_cpu_settings() -> list:

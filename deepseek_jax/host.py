@@ -21,6 +21,7 @@ import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: up to 2 GiB of freed memory at the top of the heap is kept
+SETTINGS = "mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)"  # what keep_freed_memory sets, as reports name it
 
 
 def keep_freed_memory() -> bool:

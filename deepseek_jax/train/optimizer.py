@@ -310,20 +310,24 @@ def adamw_update_from_moments(opt_cfg, adam_state: optax.ScaleByAdamState, param
     return jax.tree_util.tree_map(leaf, adam_state.mu, adam_state.nu, params, mask)
 
 
-def guarded_step(opt, opt_cfg, grads, opt_state, params, step, ok) -> Tuple[Any, Any]:
+def tree_where(ok, new, old):
+    """where(ok, new, old) leaf by leaf (``ok`` a scalar bool)."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def guarded_step(opt, opt_cfg, grads, opt_state, params, step, lr, ok) -> Tuple[Any, Any]:
     """(params, opt_state) after one step of ``opt = make_optimizer(opt_cfg)`` where ``ok``, unchanged elsewhere:
     bitwise ``where(ok, opt.update ... apply_updates, old)``, arranged so that XLA reads and writes every parameter
     and moment once, in place. The moments are selected first; the parameters' update is then computed from the
     SELECTED moments (equal to the new ones wherever ``ok``), so no buffer of the new moments must outlive the
     old ones. With bf16 moments the update is computed from the fp32 moments before their rounding, so there it
-    is the direct where(ok, new, old)."""
+    is the direct where(ok, new, old). ``lr``: the learning rate ``opt``'s schedule gives at ``step`` (the train
+    step has it already, as for ``update_bounds``)."""
     updates, new_state = opt.update(grads, opt_state, params, step=step)
-    where = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-    state_out = where(new_state, opt_state)
+    state_out = tree_where(ok, new_state, opt_state)
     if not opt_cfg.bf16_moments:
-        updates = adamw_update_from_moments(opt_cfg, _adam_state(state_out), params,
-                                            schedule_from_config(opt_cfg)(step))
-    return where(optax.apply_updates(params, updates), params), state_out
+        updates = adamw_update_from_moments(opt_cfg, _adam_state(state_out), params, lr)
+    return tree_where(ok, optax.apply_updates(params, updates), params), state_out
 
 
 # ---------------------------------------------------------------------------------------------------------------

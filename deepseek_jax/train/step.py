@@ -46,7 +46,7 @@ from deepseek_jax.layers.router import LOAD_COLLECTION
 from deepseek_jax.train import losses
 from deepseek_jax.train.optimizer import (PAPER_PEAK_LR, guarded_step, make_optimizer, paper_gamma_switch_step,
                                           paper_lambda_switch_step, paper_lr_phases, schedule_from_config,
-                                          step_function, update_surely_finite)
+                                          step_function, tree_where, update_surely_finite)
 
 NONFINITE_POLICIES = ("skip", "stop")
 # balance.scope (optional field, default "sequence"): which balance loss alpha weights. "batch" is the batch-wise
@@ -398,10 +398,6 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
-def _tree_where(ok, new, old):
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-
 def apply_optimizer(opt, grads, opt_state, params, step):
     """(new params, new optimizer state, the update) of one optimizer step."""
     updates, new_opt_state = opt.update(grads, opt_state, params, step=step)
@@ -503,11 +499,12 @@ def make_train_step(model_cfg: ModelConfig, train_cfg, dispatch=None) -> Callabl
         # everything that reaches a checkpoint must be finite, the router bias included
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_router)
         ok = ok & update_lands(opt, train_cfg.optim, grads, grad_norm, state.opt_state, state.params, step, lr, ok)
-        params_out, opt_state_out = guarded_step(opt, train_cfg.optim, grads, state.opt_state, state.params, step, ok)
+        params_out, opt_state_out = guarded_step(opt, train_cfg.optim, grads, state.opt_state, state.params,
+                                                 step, lr, ok)
         new_state = TrainState(step=step + 1,
                                params=params_out,
                                opt_state=opt_state_out,
-                               router=_tree_where(ok, new_router, state.router),
+                               router=tree_where(ok, new_router, state.router),
                                skipped=state.skipped + (~ok).astype(jnp.int32))
         return new_state, step_metrics(loss, parts, norm, grad_norm, (lr, lam, gamma), ok, new_state)
 

@@ -155,7 +155,6 @@ def test_bucket_tiles_without_buckets():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-
 def test_overflow_tiles_vjp_equals_the_definition():
     """bucket_tiles' overflow loop on its own (custom VJP: pre-activations recomputed, the rows it writes masked out
     of its input's cotangent) against autodiff of what it defines, y_nkd with the laid-out rows (n, k) replaced by
@@ -184,6 +183,7 @@ def test_overflow_tiles_vjp_equals_the_definition():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
     for a, b in zip(vjp(ct), vjp_ref(ct)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
 
 def test_bucket_layout_and_balanced_loads():
     """bucket_tiles with every expert at exactly its capacity (no overflow tile runs) and with the skewed loads of

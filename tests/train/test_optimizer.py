@@ -274,7 +274,8 @@ def test_guarded_step_is_where_of_the_optax_step(bf16_moments):
         u, s2 = opt.update(g, s, p, step=step)
         return where(ok, optax.apply_updates(p, u), p), where(ok, s2, s)
 
-    guarded = jax.jit(lambda p, s, g, step, ok: O.guarded_step(opt, tc.optim, g, s, p, step, ok))
+    lr = O.schedule_from_config(tc.optim)
+    guarded = jax.jit(lambda p, s, g, step, ok: O.guarded_step(opt, tc.optim, g, s, p, step, lr(step), ok))
     for step, (scale, ok) in enumerate([(0.01, True), (5.0, True), (3.0, False), (0.02, True), (4.0, True)]):
         step += 1  # lr(0) = 0 in the warmup
         g = jax.tree_util.tree_map(lambda p: scale * jnp.sin(3.0 * p + step), params)
