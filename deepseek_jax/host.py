@@ -8,7 +8,9 @@ makes malloc serve every block from its heap and keep what is freed, so the next
 
 A worker thread's malloc arena caps its heaps at 64 MB and maps anything larger afresh whatever these settings
 say, so the step must also run on the calling thread (its allocations come from the main heap):
-``deepseek_jax.compat.use_cpu_settings`` turns off JAX's asynchronous CPU dispatch for that.
+``deepseek_jax.compat.use_cpu_settings`` turns off JAX's asynchronous CPU dispatch for that. Even so, on a loaded
+machine an occasional call (about one in 30 with three busy processes on 2 cores) faults its temporaries in afresh;
+``MALLOC_ARENA_MAX=1`` removed those in a short trial, but it is not applied: its cost to a step is not measured.
 
 This module imports nothing but the standard library (the benchmark's torch worker applies the same malloc
 settings to time transformers under them)."""

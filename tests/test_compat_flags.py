@@ -54,10 +54,11 @@ def g(a):  # no GEMM (a GEMM library's own scratch is not XLA's): ~100 MB of XLA
 a = jnp.ones((3000, 3000), jnp.float32)
 f = jax.jit(g).lower(a).compile()
 f(a).block_until_ready()
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+faults = []  # per call: a call's first use of a new thread or arena faults in once, whatever the settings
+for _ in range(6):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(a).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 4
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
 print(json.dumps({"applied": applied, "faults": faults, "temp_pages": f.memory_analysis().temp_size_in_bytes / 4096,
                   "async": jax.config.values["jax_cpu_enable_async_dispatch"], "again": compat.use_cpu_settings()}))
 """
@@ -67,7 +68,8 @@ print(json.dumps({"applied": applied, "faults": faults, "temp_pages": f.memory_a
 def test_host_settings_keep_a_steps_memory():
     """compat.use_cpu_settings' host settings, observed through the kernel's page-fault counter in fresh processes:
     a jitted call whose temporaries (~100 MB) glibc would serve with mmap faults most of their pages in again at
-    every call under the defaults (DEEPSEEK_JAX_NO_CPU_FLAGS=1: nothing applied), and almost none with the settings;
+    every call under the defaults (DEEPSEEK_JAX_NO_CPU_FLAGS=1: nothing applied), and almost none with the settings
+    (the fewest of six calls: under load a call may first meet a new pool thread, whose arena faults in once);
     once jax's backends are up, a second call applies nothing."""
     import json
     out = {}
@@ -81,5 +83,5 @@ def test_host_settings_keep_a_steps_memory():
     assert on["temp_pages"] > 64 * 2**20 / 4096  # larger than a malloc arena's heap: mmap under the defaults
     assert on["applied"][-2:] == list(compat.HOST_SETTINGS) and on["async"] is False and on["again"] == []
     assert off["applied"] == [] and off["async"] is True
-    assert off["faults"] > 0.5 * off["temp_pages"], out
-    assert on["faults"] < 0.05 * on["temp_pages"], out
+    assert min(off["faults"]) > 0.5 * off["temp_pages"], out  # every call, again
+    assert min(on["faults"]) < 0.05 * on["temp_pages"], out  # calls that find their memory kept
