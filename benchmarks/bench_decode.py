@@ -1,32 +1,42 @@
 """Decode throughput on CPU: this project (one jitted prefill + while_loop, absorbed MLA on the latent cache) vs
 transformers' DeepseekV3ForCausalLM.generate (torch eager, its own DynamicCache), same weights, fp32.
 
-Issue 6 acceptance item. Same model for both, in the same process and the same run:
+Each contender runs in its own process (benchmarks/common.py: torch and XLA in one process slow each other down,
+so the parent imports neither). Workers, `python -m benchmarks.bench_decode --worker=<spec-json>`:
 
-    the bench_train.py shape: vocab 4096, hidden 256, 4 layers (first dense, intermediate 704), 4 heads,
-    q_lora 128, kv_lora 64, qk_nope 32, qk_rope 16, v 32, 32 routed experts top-4 in 4 groups top-2, 1 shared,
-    expert width 128; no MTP (transformers' model has none); random weights (model.init, std 0.02), written
-    with hf.save_pretrained and loaded by transformers' from_pretrained.
+    ours          initialises the model (model.init, std 0.02), writes it with hf.save_pretrained into a temporary
+                  folder, applies the host settings the generate CLI applies (compat.use_cpu_settings), and
+                  compiles generate.generate_batch for every batch size by an untimed first call
+    transformers  starts after ours is ready: loads that folder with from_pretrained, one untimed warm-up call
+                  per batch size
+    provenance    (with --write) after the timing: the machine record and the result files
 
-Each contender continues `--batch` prompts of 16 random tokens by exactly `--new` tokens, greedy, no EOS
-(transformers: min_new_tokens = max_new_tokens, do_sample=False). tokens/s = batch * new / wall time of the
-whole call (prefill included, compile excluded: ours is compiled by an untimed first call). Rounds alternate
-the contenders so a load change on a shared machine hits both; median of `--rounds`.
+The model is the bench_train.py shape: vocab 4096, hidden 256, 4 layers (first dense, intermediate 704), 4 heads,
+q_lora 128, kv_lora 64, qk_nope 32, qk_rope 16, v 32, 32 routed experts top-4 in 4 groups top-2, 1 shared, expert
+width 128; no MTP (transformers' model has none).
 
-Also reported: the cache bytes per token per layer of each, measured from the cache tensors (ours: the arrays
-of generate.init_cache; transformers: the DynamicCache returned by generate), and how many greedy tokens the
-two agree on (fp32 differences can flip a near-tie argmax, after which the sequences part).
+Each contender continues `--batch` prompts of 16 random tokens (numpy default_rng(batch), the same in both
+workers) by exactly `--new` tokens, greedy, no EOS (transformers: min_new_tokens = max_new_tokens,
+do_sample=False). tokens/s = batch * new / wall time of the whole call (prefill included, compile excluded). In
+each of `--rounds` rounds the parent asks each contender in turn for one call (the order alternates between rounds)
+while the other blocks on its stdin, so a load change on a shared machine hits both; median of rounds.
+
+Also reported: the cache bytes per token per layer of each, measured from the cache tensors (ours: the arrays of
+generate.init_cache; transformers: the DynamicCache returned by generate), and how many greedy tokens the two agree
+on (fp32 differences can flip a near-tie argmax, after which the sequences part).
 
     python -m benchmarks.bench_decode                       # print the table
-    python -m benchmarks.bench_decode --write               # also write experiments/results/decode_cpu.{md,json}
+    python -m benchmarks.bench_decode --write               # also write benchmarks/results/decode_cpu.{md,json}
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,6 +44,10 @@ import time
 
 import numpy as np
 
+from benchmarks.common import WorkerError, loadavg, provenance_setup, serve, start
+
+MODULE = "benchmarks.bench_decode"  # what a worker process runs (python -m MODULE --worker=...)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128,
              kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=704,
              moe_intermediate_size=128, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
@@ -41,9 +55,9 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attentio
 PROMPT_LEN = 16
 
 
-from deepseek_jax.provenance import git_rev, loadavg, machine, machine_lines, write_result_files
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+def prompts_for(batch: int) -> np.ndarray:
+    """The [batch, PROMPT_LEN] random prompt tokens both contenders continue."""
+    return np.random.default_rng(batch).integers(0, SHAPE["vocab_size"], (batch, PROMPT_LEN)).astype(np.int32)
 
 
 def hf_cache_bytes_per_token_per_layer(cache) -> float:
@@ -56,93 +70,183 @@ def hf_cache_bytes_per_token_per_layer(cache) -> float:
     return total / slots
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", default="1,8", help="comma list of batch sizes")
-    ap.add_argument("--new", type=int, default=256, help="new tokens per prompt")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (median)")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch.set_num_threads; with 1, XLA is made single-threaded too (XLA_FLAGS "
-                         "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1), the fair setting on a "
-                         "loaded machine, where torch's OpenMP threads collapse under contention")
-    ap.add_argument("--write", action="store_true", help="write experiments/results/decode_cpu.{md,json}")
-    args = ap.parse_args(argv)
-    if args.threads == 1:  # before jax is imported
+# ---------------------------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------------------------
+def ours_setup(spec: dict):
+    """Ours: the model, its HF checkpoint in spec["ckpt"], generate_batch compiled for every batch size."""
+    if spec["threads"] == 1:  # before jax starts its backends
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1").strip()
-
+    from deepseek_jax import compat
+    applied = compat.use_cpu_settings()  # what the generate CLI runs with
     import jax
-    import torch
-    import transformers
-    from transformers import DeepseekV3ForCausalLM
 
     from deepseek_jax import generate, hf, model
     from deepseek_jax.config import ModelConfig
 
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    load_before = loadavg()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
     cfg = ModelConfig(**SHAPE, num_nextn_predict_layers=0, routed_scaling_factor=2.5, rope_scaling=None,
                       initializer_range=0.02, bos_token_id=None, eos_token_id=None)
     variables = model.init(cfg, jax.random.PRNGKey(0), 8)
-    tmp = tempfile.mkdtemp(prefix="bench_decode_")
-    hf.save_pretrained(cfg, variables, tmp)
-    ref = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    ref.generation_config.eos_token_id = None
-    attn_impl = ref.config._attn_implementation
+    hf.save_pretrained(cfg, variables, spec["ckpt"])
 
-    rows = []
-    for B in [int(b) for b in args.batch.split(",")]:
-        rng = np.random.default_rng(B)
-        prompts = rng.integers(0, cfg.vocab_size, (B, PROMPT_LEN)).astype(np.int32)
-        ids = torch.as_tensor(prompts, dtype=torch.long)
+    def run(batch):
+        return generate.generate_batch(cfg, variables, list(prompts_for(batch)), spec["new"])
 
-        def ours():
-            return generate.generate_batch(cfg, variables, list(prompts), args.new)
-
-        def theirs():
-            with torch.inference_mode():
-                return ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                                    min_new_tokens=args.new, do_sample=False, pad_token_id=0,
-                                    return_dict_in_generate=True)
-
+    compile_s, cache = {}, {}
+    for b in spec["batches"]:
         t0 = time.perf_counter()
-        out_ours = ours()
-        compile_s = time.perf_counter() - t0
-        out_theirs = theirs()  # warm-up
-        cache_theirs = hf_cache_bytes_per_token_per_layer(out_theirs.past_key_values)
-        cache_ours = generate.cache_bytes_per_token_per_layer(
-            jax.eval_shape(lambda: generate.init_cache(cfg, B, PROMPT_LEN + args.new, cfg.dtype)))
-        seq_theirs = out_theirs.sequences[:, PROMPT_LEN:].numpy()
-        agree = [int(np.argmin(np.concatenate([a == b, [False]]))) for a, b in zip(out_ours, seq_theirs)]
-        assert all(len(a) == args.new for a in out_ours) and seq_theirs.shape == (B, args.new)
-        times = {"ours": [], "transformers": []}
-        for r in range(args.rounds):
-            for name, fn in (("ours", ours), ("transformers", theirs)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-            print(f"batch {B} round {r}: ours {times['ours'][-1]:.2f} s, transformers "
-                  f"{times['transformers'][-1]:.2f} s (load {loadavg()[0]})", flush=True)
-        tps = {k: B * args.new / statistics.median(v) for k, v in times.items()}
-        ratio = statistics.median(t / o for o, t in zip(times["ours"], times["transformers"]))
-        row = {"batch": B, "new_tokens": args.new, "prompt_len": PROMPT_LEN,
-               "ours_tokens_per_s": tps["ours"], "transformers_tokens_per_s": tps["transformers"],
-               "speedup_median_of_rounds": ratio, "ours_s": times["ours"], "transformers_s": times["transformers"],
-               "ours_compile_plus_first_run_s": compile_s, "ours_cache_bytes_per_token_per_layer": cache_ours,
-               "transformers_cache_bytes_per_token_per_layer": cache_theirs,
-               "greedy_tokens_agreeing_before_first_difference": agree}
-        rows.append(row)
-        print(f"batch {B}: ours {tps['ours']:.0f} tok/s, transformers {tps['transformers']:.0f} tok/s, "
-              f"x{ratio:.2f}; cache bytes/token/layer ours {cache_ours:.0f}, transformers {cache_theirs:.0f}; "
-              f"greedy agreement (tokens before first difference) {agree}", flush=True)
-    load_after = loadavg()
+        run(b)
+        compile_s[b] = time.perf_counter() - t0
+        cache[b] = generate.cache_bytes_per_token_per_layer(
+            jax.eval_shape(lambda b=b: generate.init_cache(cfg, b, PROMPT_LEN + spec["new"], cfg.dtype)))
+    mha_bytes = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4  # per-head k and v, fp32
+    info = {"compile_plus_first_run_s": compile_s, "cache_bytes_per_token_per_layer": cache,
+            "host": [a for a in applied if a in compat.HOST_SETTINGS], "jax": jax.__version__,
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "gather_max_rows": generate.GATHER_MAX_ROWS,
+            "decode_tile": generate.DECODE_TILE, "mha_cache_bytes_per_token_per_layer_fp32": mha_bytes,
+            "head_dims": [cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
+                          cfg.qk_rope_head_dim]}
+    return info, {"generate": lambda msg: timed(lambda: run(msg["batch"]),
+                                                lambda out: [list(map(int, t)) for t in out])}
 
-    per_layer_mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4  # per-head k and v, fp32
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+def hf_setup(spec: dict):
+    """transformers: the checkpoint ours wrote, one warm-up call per batch size."""
+    import torch
+    import transformers
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    ref = DeepseekV3ForCausalLM.from_pretrained(spec["ckpt"], dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None
+
+    def run(batch):
+        ids = torch.as_tensor(prompts_for(batch), dtype=torch.long)
+        with torch.inference_mode():
+            return ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new"],
+                                min_new_tokens=spec["new"], do_sample=False, pad_token_id=0,
+                                return_dict_in_generate=True)
+
+    cache = {b: hf_cache_bytes_per_token_per_layer(run(b).past_key_values) for b in spec["batches"]}
+    info = {"cache_bytes_per_token_per_layer": cache, "attn_implementation": ref.config._attn_implementation,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads()}
+    return info, {"generate": lambda msg: timed(lambda: run(msg["batch"]),
+                                                lambda out: out.sequences[:, PROMPT_LEN:].tolist())}
+
+
+def timed(fn, tokens_of) -> dict:
+    """One call's wall seconds and its generated tokens (``tokens_of(fn())``, outside the timed span)."""
+    t0 = time.perf_counter()
+    out = fn()
+    s = time.perf_counter() - t0
+    return {"s": s, "tokens": tokens_of(out)}
+
+
+def worker(spec: dict) -> int:
+    setups = {"ours": ours_setup, "hf": hf_setup, "provenance": provenance_setup}
+
+    def setup():
+        info, handlers = setups[spec["kind"]](spec)
+        return {**info, "imported": {m: m in sys.modules for m in ("jax", "torch")}}, handlers
+
+    return serve(setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parent
+# ---------------------------------------------------------------------------------------------------------------
+def agreeing(a, b) -> int:
+    """How many leading tokens two sequences share."""
+    return int(np.argmin(np.concatenate([np.asarray(a) == np.asarray(b), [False]])))
+
+
+def time_rounds(workers: dict, batches, rounds: int, timeout: float) -> list:
+    rows = []
+    for b in batches:
+        times, tokens = {k: [] for k in workers}, {}
+        for r in range(rounds):
+            for name in (list(workers) if r % 2 == 0 else list(workers)[::-1]):
+                out = workers[name].ask("generate", timeout, batch=b)
+                times[name].append(out["s"])
+                tokens.setdefault(name, out["tokens"])
+            print(f"batch {b} round {r}: ours {times['ours'][-1]:.2f} s, transformers {times['hf'][-1]:.2f} s "
+                  f"(load {loadavg()[0]})", flush=True)
+        assert all(len(t) == len(tokens["ours"][0]) for k in tokens for t in tokens[k])
+        new = len(tokens["ours"][0])
+        rows.append({"batch": b, "new_tokens": new, "prompt_len": PROMPT_LEN,
+                     "ours_tokens_per_s": b * new / statistics.median(times["ours"]),
+                     "transformers_tokens_per_s": b * new / statistics.median(times["hf"]),
+                     "speedup_median_of_rounds": statistics.median(t / o for o, t in zip(times["ours"], times["hf"])),
+                     "ours_s": times["ours"], "transformers_s": times["hf"],
+                     "greedy_tokens_agreeing_before_first_difference": [
+                         agreeing(a, t) for a, t in zip(tokens["ours"], tokens["hf"])]})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    ap.add_argument("--new", type=int, default=256, help="new tokens per prompt")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch.set_num_threads; with 1, XLA is made single-threaded too (XLA_FLAGS "
+                         "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds a worker may take for one command")
+    ap.add_argument("--write", action="store_true", help="write benchmarks/results/decode_cpu.{md,json}")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    cmd = "python -m benchmarks.bench_decode" + "".join(
+        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    batches = [int(b) for b in args.batch.split(",")]
+    load_before = loadavg()
+    ckpt = tempfile.mkdtemp(prefix="bench_decode_")
+    pool = []
+    try:
+        spec = {"ckpt": ckpt, "batches": batches, "new": args.new, "threads": args.threads}
+        w_ours, ours = start("ours", MODULE, {**spec, "kind": "ours"}, args.timeout, pool)
+        w_hf, theirs = start("transformers", MODULE, {**spec, "kind": "hf"}, args.timeout, pool)
+        for name, info, bad in (("ours", ours, "torch"), ("transformers", theirs, "jax")):
+            if info["imported"][bad]:
+                raise WorkerError(f"worker {name!r} imported {bad} (each contender must run its framework alone)")
+        rows = time_rounds({"ours": w_ours, "hf": w_hf}, batches, args.rounds, args.timeout)
+        for r in rows:
+            b = str(r["batch"])  # JSON keys
+            r["ours_compile_plus_first_run_s"] = ours["compile_plus_first_run_s"][b]
+            r["ours_cache_bytes_per_token_per_layer"] = ours["cache_bytes_per_token_per_layer"][b]
+            r["transformers_cache_bytes_per_token_per_layer"] = theirs["cache_bytes_per_token_per_layer"][b]
+        load_after = loadavg()
+        assert "jax" not in sys.modules and "torch" not in sys.modules, "the parent process must import no framework"
+        table = markdown_table(rows)
+        print("\n" + table)
+        if args.write:
+            extra = {"torch": theirs["torch"], "torch_threads": theirs["torch_threads"],
+                     "transformers": theirs["transformers"]}
+            w, prov = start("provenance", MODULE, {"kind": "provenance", "load_before": load_before,
+                                                   "load_after": load_after, "extra": extra}, args.timeout, pool)
+            out = {"command": cmd, "date": date, "git": prov["git"], "machine": prov["machine"], "shape": SHAPE,
+                   "rows": rows, "rounds": args.rounds, "ours": ours, "transformers": theirs,
+                   "transformers_attn_implementation": theirs["attn_implementation"],
+                   "mha_cache_bytes_per_token_per_layer_fp32": ours["mha_cache_bytes_per_token_per_layer_fp32"]}
+            md = markdown(cmd, date, prov, args, ours, theirs, rows, table)
+            w.ask("write", args.timeout, stem=os.path.join(RESULTS, "decode_cpu"), data=out, md=md)
+    except WorkerError as e:
+        sys.exit(f"bench_decode: {e}")
+    finally:
+        for w in pool:
+            w.close()
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return rows
+
+
+def markdown_table(rows) -> str:
     lines = ["| batch | new tokens | ours tok/s | transformers tok/s | x transformers (median of rounds) "
              "| cache B/token/layer ours | cache B/token/layer transformers | greedy tokens agreeing |",
              "|---|---|---|---|---|---|---|---|"]
@@ -152,55 +256,54 @@ def main(argv=None):
                      f"{r['ours_cache_bytes_per_token_per_layer']:.0f} | "
                      f"{r['transformers_cache_bytes_per_token_per_layer']:.0f} | "
                      f"{r['greedy_tokens_agreeing_before_first_difference']} |")
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if args.write:
-        machine_rec = machine(load_before, load_after, torch=torch.__version__,
-                                torch_threads=torch.get_num_threads(), transformers=transformers.__version__)
-        rev = git_rev()
-        out = {"command": cmd, "date": date, "git": rev, "machine": machine_rec, "shape": SHAPE, "rows": rows,
-               "rounds": args.rounds, "transformers_attn_implementation": attn_impl,
-               "mha_cache_bytes_per_token_per_layer_fp32": per_layer_mha}
-        md = [
-            "# Decode throughput on CPU: deepseek_jax vs transformers DeepseekV3ForCausalLM.generate",
-            "",
-            f"Generated by `{cmd}` (git {rev}) on {date}.",
-            "",
-            f"- model: {', '.join(f'{k}={v}' for k, v in SHAPE.items())}; no MTP; random weights (std 0.02), the "
-            f"same for both (hf.save_pretrained -> from_pretrained); fp32",
-            f"- task: {PROMPT_LEN}-token random prompts, exactly {args.new} new tokens each, greedy, no EOS; "
-            f"tokens/s = batch x new tokens / wall time of the whole call (prefill included; ours compiled by an "
-            f"untimed first call, transformers warmed up by one untimed call); median of {args.rounds} rounds, "
-            f"contenders alternating within a round",
-            f"- ours: generate.generate_batch: one jit (naive-MLA prefill, then a lax.while_loop of absorbed-MLA "
-            f"steps on the latent cache), moe_dispatch auto: sorted_tiles on CPU for the prefill; decode steps "
-            f"routing <= {generate.GATHER_MAX_ROWS} rows (batch x top-k; batch 1 here) gather their experts' "
-            f"weights, larger ones (batch 8) use {generate.DECODE_TILE}-row tiles",
-            f"- transformers {transformers.__version__} (torch {torch.__version__}, {torch.get_num_threads()} "
-            f"threads, eager, attn_implementation={attn_impl}): generate() with its DynamicCache. This version "
-            f"also caches the compressed latent (kv_lora_rank + qk_rope_head_dim per token per layer, as the "
-            f"table shows) but expands it through kv_b_proj into per-head keys and values for the whole sequence "
-            f"at every step; ours attends on the latent directly (absorbed)",
-            f"- a multi-head cache (per-head keys and values) of this shape would hold heads x (qk + v head dims) "
-            f"x 4 = {cfg.num_attention_heads} x ({cfg.qk_head_dim} + {cfg.v_head_dim}) x 4 = {per_layer_mha} "
-            f"bytes per token per layer in fp32; ours holds (kv_lora_rank + qk_rope_head_dim) x 4 = "
-            f"({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x 4 (DeepSeek-V3: 576 numbers vs 40,960)",
-            *machine_lines(machine_rec),
-            "",
-            table,
-            "",
-            "Per-round wall times (s): " + "; ".join(
-                f"batch {r['batch']}: ours {', '.join(f'{t:.2f}' for t in r['ours_s'])} / transformers "
-                f"{', '.join(f'{t:.2f}' for t in r['transformers_s'])}" for r in rows),
-            "",
-            "'greedy tokens agreeing': per row, how many leading generated tokens are identical between the two "
-            "implementations (fp32 rounding differs, so a near-tie argmax can flip and the sequences part after).",
-            "",
-        ]
-        write_result_files(os.path.join(RESULTS, "decode_cpu"), out, "\n".join(md), indent=2)
-    return rows
+    return "\n".join(lines)
+
+
+def markdown(cmd, date, prov, args, ours, theirs, rows, table) -> str:
+    heads, qk, v, kv_lora, rope = ours["head_dims"]
+    return "\n".join([
+        "# Decode throughput on CPU: deepseek_jax vs transformers DeepseekV3ForCausalLM.generate",
+        "",
+        f"Generated by `{cmd}` (git {prov['git']}) on {date}.",
+        "",
+        f"- model: {', '.join(f'{k}={v}' for k, v in SHAPE.items())}; no MTP; random weights (std 0.02), the same "
+        f"for both (hf.save_pretrained -> from_pretrained); fp32",
+        f"- method: each contender in its own process (`python -m benchmarks.bench_decode --worker=...`; the parent "
+        f"imports neither jax nor torch), each compiled or warmed up alone; then {args.rounds} rounds, in each the "
+        f"parent asks both contenders in turn (order alternating between rounds) for one call while the other "
+        f"blocks; median of rounds",
+        f"- task: {PROMPT_LEN}-token random prompts, exactly {args.new} new tokens each, greedy, no EOS; tokens/s = "
+        f"batch x new tokens / wall time of the whole call (prefill included; ours compiled by an untimed first "
+        f"call, transformers warmed up by one untimed call)",
+        f"- ours (jax {ours['jax']}, XLA_FLAGS={ours['XLA_FLAGS']!r}; host settings, as the generate CLI: "
+        f"{', '.join(ours['host']) or 'none'}): generate.generate_batch: one jit (naive-MLA prefill, then a "
+        f"lax.while_loop of absorbed-MLA steps on the latent cache), moe_dispatch auto; decode steps routing <= "
+        f"{ours['gather_max_rows']} rows (batch x top-k; batch 1 here) gather their experts' weights, larger ones "
+        f"(batch 8) use {ours['decode_tile']}-row tiles",
+        f"- transformers {theirs['transformers']} (torch {theirs['torch']}, {theirs['torch_threads']} threads, eager, "
+        f"attn_implementation={theirs['attn_implementation']}): generate() with its DynamicCache. This version also "
+        f"caches the compressed latent (kv_lora_rank + qk_rope_head_dim per token per layer, as the table shows) but "
+        f"expands it through kv_b_proj into per-head keys and values for the whole sequence at every step; ours "
+        f"attends on the latent directly (absorbed)",
+        f"- a multi-head cache (per-head keys and values) of this shape would hold heads x (qk + v head dims) x 4 = "
+        f"{heads} x ({qk} + {v}) x 4 = {ours['mha_cache_bytes_per_token_per_layer_fp32']} bytes per token per layer "
+        f"in fp32; ours holds (kv_lora_rank + qk_rope_head_dim) x 4 = ({kv_lora} + {rope}) x 4 (DeepSeek-V3: 576 "
+        f"numbers vs 40,960)",
+        *prov["machine_lines"],
+        "",
+        table,
+        "",
+        "Per-round wall times (s): " + "; ".join(
+            f"batch {r['batch']}: ours {', '.join(f'{t:.2f}' for t in r['ours_s'])} / transformers "
+            f"{', '.join(f'{t:.2f}' for t in r['transformers_s'])}" for r in rows),
+        "",
+        "'greedy tokens agreeing': per row, how many leading generated tokens are identical between the two "
+        "implementations (fp32 rounding differs, so a near-tie argmax can flip and the sequences part after).",
+        "",
+    ])
 
 
 if __name__ == "__main__":
-    main()
+    rc = main()
+    if isinstance(rc, int):
+        sys.exit(rc)

@@ -54,20 +54,16 @@ from __future__ import annotations
 
 import argparse
 import ast
-import collections
 import datetime
 import json
 import os
-import queue
 import shlex
 import statistics
-import subprocess
 import sys
-import threading
 import time
-import traceback
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import REPO_ROOT, WorkerError, loadavg, provenance_setup, serve, start
+
 RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
 BASE_CONFIG = os.path.join(REPO_ROOT, "experiments", "configs", "base.py")
 
@@ -75,17 +71,13 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attentio
              kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, intermediate_size=704,
              moe_intermediate_size=128, n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
              topk_group=2, first_k_dense_replace=1, max_position_embeddings=4096)
+MODULE = "benchmarks.bench_train"  # what a worker process runs (python -m MODULE --worker=...)
 BATCH, SEQ = 8, 256
 BASE_BATCH, BASE_SEQ = 8, 128
 PEAK_N, PEAK_REPS = 2048, 5
 PROFILE_REPS, PROFILE_TOP = 3, 25
 # the ModelConfig fields transformers' DeepseekV3Config takes under the same name (the architecture)
 HF_FIELDS = tuple(SHAPE) + ("routed_scaling_factor", "rms_norm_eps", "rope_theta")
-
-
-def loadavg() -> list:
-    """deepseek_jax.provenance.loadavg, which the parent cannot import (provenance imports jax)."""
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,193 +231,78 @@ def profile_step(compiled, step) -> dict:
 # Worker process
 # ---------------------------------------------------------------------------------------------------------------
 def worker(spec: dict) -> int:
-    """Serve one contender (spec["kind"]: ours | hf | provenance) over stdin/stdout until quit or EOF."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol
+    """Serve one contender (spec["kind"]: ours | hf | provenance) over stdin/stdout until quit or EOF
+    (benchmarks/common.py: the protocol)."""
+    return serve(lambda: provenance_setup(spec) if spec["kind"] == "provenance" else contender_setup(spec))
 
-    def reply(obj):
-        proto.write(json.dumps(obj, default=str) + "\n")
-        proto.flush()
 
-    try:
-        kind = spec["kind"]
-        handlers = {}
-        if kind == "provenance":  # the parent imports no jax, so the provenance module runs here, after the timing
-            from deepseek_jax.provenance import git_rev, machine, machine_lines, write_result_files
-            rec = machine(spec["load_before"], spec["load_after"], **spec.get("extra", {}))
-            reply({"ready": True, "machine": rec, "machine_lines": machine_lines(rec, note=spec.get("note")),
-                   "git": git_rev()})
-            handlers["write"] = lambda msg: (write_result_files(msg["stem"], msg["data"], msg["md"], indent=2),
-                                             {"ok": True})[1]
+def contender_setup(spec: dict):
+    """Build, compile and warm up one contender; its ready info and its commands (step, peak, profile)."""
+    kind = spec["kind"]
+    handlers = {}
+    shape = spec["shape"]
+    if spec.get("root"):  # --baseline: this contender's deepseek_jax comes from another checkout
+        sys.path.insert(0, spec["root"])
+    if kind == "ours":
+        from deepseek_jax import compat
+        applied = []
+        if spec.get("xla_flags") is not None:  # --xla-flags: exactly these
+            os.environ["XLA_FLAGS"] = spec["xla_flags"]
+            os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
+        elif spec.get("cpu_flags", True) and spec.get("host", True) and hasattr(compat, "use_cpu_settings"):
+            applied = compat.use_cpu_settings()  # what experiments.run and the notebooks run with
+        elif spec.get("cpu_flags", True):  # --host-defaults (or a baseline checkout from before the settings)
+            compat.use_cpu_xla_flags()
         else:
-            shape = spec["shape"]
-            if spec.get("root"):  # --baseline: this contender's deepseek_jax comes from another checkout
-                sys.path.insert(0, spec["root"])
-            if kind == "ours":
-                from deepseek_jax import compat
-                applied = []
-                if spec.get("xla_flags") is not None:  # --xla-flags: exactly these
-                    os.environ["XLA_FLAGS"] = spec["xla_flags"]
-                    os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
-                elif spec.get("cpu_flags", True) and spec.get("host", True) and hasattr(compat, "use_cpu_settings"):
-                    applied = compat.use_cpu_settings()  # what experiments.run and the notebooks run with
-                elif spec.get("cpu_flags", True):  # --host-defaults (or a baseline checkout from before the settings)
-                    compat.use_cpu_xla_flags()
-                else:
-                    os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
-                import jax
-                import jaxlib
-                cfg, step, box, compile_s, compiled = build_ours(shape, spec["mtp"], spec["dispatch"])
-                fl = flops_per_token(cfg, bool(spec["mtp"]), shape["seq"])
-                from deepseek_jax.provenance import git_rev
-                info = {"compile_s": compile_s, "flops": fl, "total_params": fl["total_params"],
-                        "code": git_rev(os.path.dirname(os.path.dirname(compat.__file__))),
-                        "activated_params": fl["activated_params"], "scan_unroll": cfg.scan_unroll,
-                        "moe_dispatch": cfg.moe_dispatch, "mtp": cfg.num_nextn_predict_layers,
-                        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
-                        "threads": {"xla": f"default (all {os.cpu_count()} cores)",
-                                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
-                        "host": [a for a in applied if a in getattr(compat, "HOST_SETTINGS", ())]}
-                handlers["peak"] = lambda msg: jax_matmul_peak()
-                handlers["profile"] = lambda msg: profile_step(compiled, step)
-            elif kind == "hf":
-                import torch
-                import transformers
-                torch.set_num_threads(spec["threads"] or os.cpu_count())
-                host = []
-                if spec.get("malloc"):  # --hf-malloc: the malloc settings our entry points apply, for torch too
-                    from deepseek_jax import host as host_lib  # the standard library only: no jax
-                    host = [host_lib.SETTINGS] if host_lib.keep_freed_memory() else []
-                t0 = time.perf_counter()
-                step, box, info = build_hf(shape, spec["attn"], spec["experts"])
-                info["build_s"] = time.perf_counter() - t0
-                info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-                info["threads"] = {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads()}
-                info["host"] = host
-                handlers["peak"] = lambda msg: torch_matmul_peak()
-            else:
-                raise ValueError(f"unknown worker kind {kind!r}")
-            warm = []
-            t0 = time.perf_counter()
-            for _ in range(spec["warmup"]):
-                step()
-                warm.append(box["loss"])
-            info["warmup_s"] = time.perf_counter() - t0
-            info["warmup_losses"] = warm
-            info["imported"] = {m: m in sys.modules for m in ("jax", "torch")}
+            os.environ[compat.NO_CPU_FLAGS_ENV] = "1"
+        import jax
+        import jaxlib
+        cfg, step, box, compile_s, compiled = build_ours(shape, spec["mtp"], spec["dispatch"])
+        fl = flops_per_token(cfg, bool(spec["mtp"]), shape["seq"])
+        from deepseek_jax.provenance import git_rev
+        info = {"compile_s": compile_s, "flops": fl, "total_params": fl["total_params"],
+                "code": git_rev(os.path.dirname(os.path.dirname(compat.__file__))),
+                "activated_params": fl["activated_params"], "scan_unroll": cfg.scan_unroll,
+                "moe_dispatch": cfg.moe_dispatch, "mtp": cfg.num_nextn_predict_layers,
+                "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
+                "threads": {"xla": f"default (all {os.cpu_count()} cores)",
+                            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")},
+                "host": [a for a in applied if a in getattr(compat, "HOST_SETTINGS", ())]}
+        handlers["peak"] = lambda msg: jax_matmul_peak()
+        handlers["profile"] = lambda msg: profile_step(compiled, step)
+    elif kind == "hf":
+        import torch
+        import transformers
+        torch.set_num_threads(spec["threads"] or os.cpu_count())
+        host = []
+        if spec.get("malloc"):  # --hf-malloc: the malloc settings our entry points apply, for torch too
+            from deepseek_jax import host as host_lib  # the standard library only: no jax
+            host = [host_lib.SETTINGS] if host_lib.keep_freed_memory() else []
+        t0 = time.perf_counter()
+        step, box, info = build_hf(shape, spec["attn"], spec["experts"])
+        info["build_s"] = time.perf_counter() - t0
+        info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+        info["threads"] = {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads()}
+        info["host"] = host
+        handlers["peak"] = lambda msg: torch_matmul_peak()
+    else:
+        raise ValueError(f"unknown worker kind {kind!r}")
+    warm = []
+    t0 = time.perf_counter()
+    for _ in range(spec["warmup"]):
+        step()
+        warm.append(box["loss"])
+    info["warmup_s"] = time.perf_counter() - t0
+    info["warmup_losses"] = warm
+    info["imported"] = {m: m in sys.modules for m in ("jax", "torch")}
 
-            def do_step(msg):
-                t = time.perf_counter()
-                step()
-                return {"s": time.perf_counter() - t, "loss": box["loss"]}
+    def do_step(msg):
+        t = time.perf_counter()
+        step()
+        return {"s": time.perf_counter() - t, "loss": box["loss"]}
 
-            handlers["step"] = do_step
-            reply({"ready": True, **info})
-    except Exception as e:  # reported to the parent, which names the contender
-        traceback.print_exc()
-        reply({"error": f"{type(e).__name__}: {e}"})
-        return 1
-
-    for line in sys.stdin:
-        msg = json.loads(line)
-        cmd = msg.get("cmd")
-        if cmd == "quit":
-            break
-        try:
-            if cmd not in handlers:
-                raise ValueError(f"unknown command {cmd!r} for a {kind} worker")
-            reply(handlers[cmd](msg))
-        except Exception as e:
-            traceback.print_exc()
-            reply({"error": f"{type(e).__name__}: {e}"})
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Parent: worker handles
-# ---------------------------------------------------------------------------------------------------------------
-class WorkerError(RuntimeError):
-    pass
-
-
-class Worker:
-    """One contender's process; its stdout lines are queued by a thread, its stderr passes through (prefixed with
-    the contender's name) and its last lines are kept for the error message if it dies."""
-
-    def __init__(self, name: str, spec: dict, echo: bool = True):
-        self.name = name
-        self.tail = collections.deque(maxlen=8)
-        self.lines = queue.Queue()
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train", "--worker=" + json.dumps(spec)],
-                                     cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1)
-        threading.Thread(target=self._pump_out, daemon=True).start()
-        threading.Thread(target=self._pump_err, args=(echo,), daemon=True).start()
-
-    def _pump_out(self):
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.lines.put(line)
-            else:
-                self.tail.append(line.rstrip())
-        self.lines.put(None)
-
-    def _pump_err(self, echo):
-        for line in self.proc.stderr:
-            self.tail.append(line.rstrip())
-            if echo:
-                sys.stderr.write(f"  [{self.name}] {line}")
-        self.proc.stderr.close()
-
-    def _fail(self, what: str):
-        rc = self.proc.poll()
-        state = f"died (exit {rc})" if rc is not None else "is still running"
-        last = " | ".join(t for t in self.tail if t.strip())[-1500:]
-        raise WorkerError(f"worker {self.name!r} {state} during {what}; last stderr: {last or '(none)'}")
-
-    def read(self, what: str, timeout: float) -> dict:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise WorkerError(f"worker {self.name!r}: no reply to {what} within {timeout:.0f} s") from None
-        if line is None:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            self._fail(what)
-        msg = json.loads(line)
-        if "error" in msg:
-            raise WorkerError(f"worker {self.name!r} failed during {what}: {msg['error']}")
-        return msg
-
-    def ask(self, cmd: str, timeout: float, **kw) -> dict:
-        try:
-            self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            self._fail(cmd)
-        return self.read(cmd, timeout)
-
-    def close(self, timeout: float = 30):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write('{"cmd": "quit"}\n')
-                self.proc.stdin.flush()
-                self.proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start(name: str, spec: dict, timeout: float, pool: list, echo: bool = True):
-    w = Worker(name, spec, echo)
-    pool.append(w)  # closed by the caller's finally, whatever happens next
-    return w, w.read("start (build, compile, warmup)", timeout)
+    handlers["step"] = do_step
+    return info, handlers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,7 +337,7 @@ def run_shape(shape: dict, args) -> dict:
     pool, contenders = [], []  # contenders: (name, worker, ready info)
     try:
         for name, spec in specs:
-            w, info = start(name, {**spec, "shape": shape, "dispatch": args.dispatch, "warmup": args.warmup},
+            w, info = start(name, MODULE, {**spec, "shape": shape, "dispatch": args.dispatch, "warmup": args.warmup},
                             args.timeout, pool)
             if spec["kind"] == "hf":
                 name = w.name = (f"transformers DeepseekV3ForCausalLM (torch eager, attn={info['attn_implementation']}"
@@ -674,8 +551,9 @@ def main(argv=None):
                  "transformers": versions.get("transformers")}
         pool = []
         try:
-            w, prov = start("provenance", {"kind": "provenance", "load_before": load_before, "load_after": load_after,
-                                           "extra": extra, "note": note}, args.timeout, pool)
+            w, prov = start("provenance", MODULE, {"kind": "provenance", "load_before": load_before,
+                                                   "load_after": load_after, "extra": extra, "note": note},
+                            args.timeout, pool)
             rev, rec = prov["git"], prov["machine"]
             any_res = next(iter(results.values()))
             hf_row = next(r for r in any_res["rows"] if r["kind"] == "hf")

@@ -1,7 +1,7 @@
 """MTP self-speculative decoding on a trained model: acceptance rate and speed-up over plain greedy decoding.
 
-Issue 6 acceptance item (V3 §5.4.3 reports 85-90% acceptance of the second token and 1.8x tokens/s for the
-full model). The model is a training run's checkpoint with an MTP module, by default the quickstart's:
+V3 §5.4.3 reports 85-90% acceptance of the second token and 1.8x tokens/s for the full model. The model is a
+training run's checkpoint with an MTP module, by default the quickstart's:
 
     python -m experiments.run --config=experiments/configs/quickstart.py --config.loop.out_dir=runs/decode_quickstart
     python -m benchmarks.speculative --run runs/decode_quickstart --write

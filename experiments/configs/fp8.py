@@ -1,5 +1,5 @@
 """FP8 training vs BF16 (V3 §3.3, App. B.1): the same model and data, compute dtype bfloat16 in both arms, the
-FP8 arm with block-scaled E4M3 GEMMs (ModelConfig.fp8 = True: ops/fp8.py, the FP8 issue's work).
+FP8 arm with block-scaled E4M3 GEMMs (ModelConfig.fp8 = True: deepseek_jax/ops/fp8.py, docs/fp8.md).
 
     python -m experiments.sweep fp8
 

@@ -1,4 +1,4 @@
-"""Multi-controller run (issue 4, test 4): two processes on localhost, jax.distributed with CPU (gloo)
+"""Multi-controller run: two processes on localhost, jax.distributed with CPU (gloo)
 collectives, 4 virtual devices each, run the same train step as tests/parallel/test_sharded_step.py on an 8-device
 mesh "expert=8" that spans both processes (so the expert all-to-all and the gradient reductions cross the process
 boundary), and the gathered parameters, router bias and metrics equal the single-process, single-device result."""

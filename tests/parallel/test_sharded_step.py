@@ -1,4 +1,4 @@
-"""Sharded train steps on 8 virtual CPU devices equal the single-device step (issue 4, test 3).
+"""Sharded train steps on 8 virtual CPU devices equal the single-device step.
 
 tests/conftest.py starts XLA with --xla_force_host_platform_device_count=8. One fp32 train step of a small
 V3-topology model (a dense layer, a MoE layer with 8 experts, an MTP module) from the same state and batch, on one
