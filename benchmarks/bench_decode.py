@@ -229,8 +229,12 @@ def main(argv=None):
         if args.write:
             extra = {"torch": theirs["torch"], "torch_threads": theirs["torch_threads"],
                      "transformers": theirs["transformers"]}
+            note = (" (busy before the run: another job was running, so timings are noisy)"
+                    if load_before[0] > 0.75 * (os.cpu_count() or 1) else
+                    " (quiet before the run; the benchmark's own threads raise the load while it runs)")
             w, prov = start("provenance", MODULE, {"kind": "provenance", "load_before": load_before,
-                                                   "load_after": load_after, "extra": extra}, args.timeout, pool)
+                                                   "load_after": load_after, "extra": extra, "note": note},
+                            args.timeout, pool)
             out = {"command": cmd, "date": date, "git": prov["git"], "machine": prov["machine"], "shape": SHAPE,
                    "rows": rows, "rounds": args.rounds, "ours": ours, "transformers": theirs,
                    "transformers_attn_implementation": theirs["attn_implementation"],
