@@ -32,10 +32,8 @@ on (fp32 differences can flip a near-tie argmax, after which the sequences part)
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -44,7 +42,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import WorkerError, loadavg, provenance_setup, serve, start
+from benchmarks.common import (WorkerError, add_worker_args, command_and_date, load_note, loadavg, provenance_setup,
+                               serve, start)
 
 MODULE = "benchmarks.bench_decode"  # what a worker process runs (python -m MODULE --worker=...)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -195,16 +194,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2,
                     help="torch.set_num_threads; with 1, XLA is made single-threaded too (XLA_FLAGS "
                          "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds a worker may take for one command")
-    ap.add_argument("--write", action="store_true", help="write benchmarks/results/decode_cpu.{md,json}")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_args(ap, 900, "benchmarks/results/decode_cpu.{md,json}")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
 
-    cmd = "python -m benchmarks.bench_decode" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd, date = command_and_date(MODULE, argv)
     batches = [int(b) for b in args.batch.split(",")]
     load_before = loadavg()
     ckpt = tempfile.mkdtemp(prefix="bench_decode_")
@@ -229,11 +224,9 @@ def main(argv=None):
         if args.write:
             extra = {"torch": theirs["torch"], "torch_threads": theirs["torch_threads"],
                      "transformers": theirs["transformers"]}
-            note = (" (busy before the run: another job was running, so timings are noisy)"
-                    if load_before[0] > 0.75 * (os.cpu_count() or 1) else
-                    " (quiet before the run; the benchmark's own threads raise the load while it runs)")
             w, prov = start("provenance", MODULE, {"kind": "provenance", "load_before": load_before,
-                                                   "load_after": load_after, "extra": extra, "note": note},
+                                                   "load_after": load_after, "extra": extra,
+                                                   "note": load_note(load_before)},
                             args.timeout, pool)
             out = {"command": cmd, "date": date, "git": prov["git"], "machine": prov["machine"], "shape": SHAPE,
                    "rows": rows, "rounds": args.rounds, "ours": ours, "transformers": theirs,

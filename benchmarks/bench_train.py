@@ -54,15 +54,14 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
 
-from benchmarks.common import REPO_ROOT, WorkerError, loadavg, provenance_setup, serve, start
+from benchmarks.common import (REPO_ROOT, WorkerError, add_worker_args, command_and_date, load_note, loadavg,
+                               provenance_setup, serve, start)
 
 RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
 BASE_CONFIG = os.path.join(REPO_ROOT, "experiments", "configs", "base.py")
@@ -514,16 +513,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: os.cpu_count())")
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, our step's per-op breakdown (benchmarks/profile_ops.py)")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds a worker may take for one command")
-    ap.add_argument("--write", action="store_true", help="write benchmarks/results/bench_train_cpu.{md,json}")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_worker_args(ap, 1800, "benchmarks/results/bench_train_cpu.{md,json}")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
 
-    cmd = "python -m benchmarks.bench_train" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd, date = command_and_date(MODULE, argv)
     load_before = loadavg()
     print(f"load average before: {load_before}; {METHOD}", flush=True)
     results = {}
@@ -544,9 +539,7 @@ def main(argv=None):
     print(f"\nthreads: {threads_line}; versions: {versions}; load average {load_before} -> {load_after}")
 
     if args.write:
-        note = (" (busy before the run: another job was running, so timings are noisy)"
-                if load_before[0] > 0.75 * (os.cpu_count() or 1) else
-                " (quiet before the run; the benchmark's own threads raise the load while it runs)")
+        note = load_note(load_before)
         extra = {"torch": versions.get("torch"), "torch_threads": threads.get("torch"),
                  "transformers": versions.get("transformers")}
         pool = []

@@ -9,10 +9,13 @@ computes at any moment while the others block on their stdin."""
 
 from __future__ import annotations
 
+import argparse
 import collections
+import datetime
 import json
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import threading
@@ -37,6 +40,28 @@ def time_calls(fn, reps: int, warmup: int = 1, sync=None) -> list:
         sync(fn())
         ts.append(time.perf_counter() - t0)
     return ts
+
+
+def add_worker_args(ap, timeout: float, results: str) -> None:
+    """The options every comparative benchmark has: --timeout, --write (``results``: the files it writes) and the
+    hidden --worker a worker process is started with."""
+    ap.add_argument("--timeout", type=float, default=timeout, help="seconds a worker may take for one command")
+    ap.add_argument("--write", action="store_true", help=f"write {results}")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def command_and_date(module: str, argv=None) -> tuple:
+    """The command line a result file names (``python -m module args``) and the UTC date of the run."""
+    cmd = f"python -m {module}" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    return cmd, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def load_note(load_before: list) -> str:
+    """What a result file says of the load before the run (on a quiet machine the benchmark's own threads raise
+    the load while it runs, which is not noise from another job)."""
+    if load_before[0] > 0.75 * (os.cpu_count() or 1):
+        return " (busy before the run: another job was running, so timings are noisy)"
+    return " (quiet before the run; the benchmark's own threads raise the load while it runs)"
 
 
 def loadavg() -> list:
