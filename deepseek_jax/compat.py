@@ -6,6 +6,7 @@ Callers use these names instead of probing jax themselves, so a new jax release 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import jax
@@ -81,8 +82,16 @@ def mosaic_gpu():
                            "layout_cast", "TilingTransform", "SwizzleTransform") if not hasattr(plgpu, n)]
     if missing:
         raise ImportError(f"jax {jax.__version__}'s Pallas Mosaic GPU lacks {missing} (needed by the Hopper FP8 "
-                          "kernel; tested on jax 0.10.2 and 0.11.2)")
+                          "kernel; tested on jax 0.10.2, 0.11.2 and 0.12.1)")
     return plgpu
+
+
+def mosaic_gpu_load(plgpu, ref, layout):
+    """``plgpu.load`` of a whole (already indexed) ref into ``layout``: jax 0.10 requires an index argument (``()``
+    for none), jax 0.11 makes it optional, jax 0.12 removed it."""
+    if "idx" in inspect.signature(plgpu.load).parameters:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
 
 
 def gpu_core_count(default: int = 132) -> int:

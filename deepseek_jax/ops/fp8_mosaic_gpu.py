@@ -89,8 +89,8 @@ def fp8_gemm_mgpu(a_q: jax.Array, a_s: jax.Array, b_q: jax.Array, b_s_rows: jax.
                     return acc_ref[...]
 
                 part = pl.run_scoped(mma, plgpu.ACC((bm, bn), f32))
-                sa = plgpu.load(sa_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(1))  # [bm]
-                sb = plgpu.load(sb_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))  # [bn]
+                sa = compat.mosaic_gpu_load(plgpu, sa_smem.at[0], plgpu.Layout.WGMMA.reduce(1))  # [bm]
+                sb = compat.mosaic_gpu_load(plgpu, sb_smem.at[0], plgpu.Layout.WGMMA.reduce(0))  # [bn]
                 scale = lax.broadcast_in_dim(sa, (bm, bn), [0]) * lax.broadcast_in_dim(sb, (bm, bn), [1])
                 return out + part * scale  # promotion into the fp32 register accumulator
 
