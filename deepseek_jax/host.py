@@ -10,7 +10,8 @@ A worker thread's malloc arena caps its heaps at 64 MB and maps anything larger 
 say, so the step must also run on the calling thread (its allocations come from the main heap):
 ``deepseek_jax.compat.use_cpu_settings`` turns off JAX's asynchronous CPU dispatch for that. Even so, on a loaded
 machine an occasional call (about one in 30 with three busy processes on 2 cores) faults its temporaries in afresh;
-``MALLOC_ARENA_MAX=1`` removed those in a short trial, but it is not applied: its cost to a step is not measured.
+``MALLOC_ARENA_MAX=1`` removed those in a short trial, but it is not applied: it made the base model's step about
+half as slow again (XLA's pool threads then contend for one arena; the benchmark shape's step ~9% slower).
 
 This module imports nothing but the standard library (the benchmark's torch worker applies the same malloc
 settings to time transformers under them)."""
