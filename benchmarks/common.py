@@ -23,6 +23,7 @@ import time
 import traceback
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAMEWORKS = ("jax", "torch")  # a contender's worker imports exactly one of them
 
 
 def time_calls(fn, reps: int, warmup: int = 1, sync=None) -> list:
@@ -89,7 +90,7 @@ def serve(setup) -> int:
         traceback.print_exc()
         reply({"error": f"{type(e).__name__}: {e}"})
         return 1
-    reply({"ready": True, **info})
+    reply({"ready": True, **info, "imported": {m: m in sys.modules for m in FRAMEWORKS}})
     for line in sys.stdin:
         msg = json.loads(line)
         cmd = msg.get("cmd")
@@ -198,9 +199,15 @@ class Worker:
                 self.proc.wait()
 
 
-def start(name: str, module: str, spec: dict, timeout: float, pool: list, echo: bool = True):
+def start(name: str, module: str, spec: dict, timeout: float, pool: list, echo: bool = True,
+          framework: str | None = None):
     """Start a worker and wait for its ready reply; the worker goes into ``pool`` first, so the caller's finally
-    closes it whatever happens next."""
+    closes it whatever happens next. With ``framework`` (one of FRAMEWORKS), the contender must have imported it
+    and none of the others."""
     w = Worker(name, module, spec, echo)
     pool.append(w)
-    return w, w.read("start (build, compile, warmup)", timeout)
+    info = w.read("start (build, compile, warmup)", timeout)
+    bad = [m for m, on in info["imported"].items() if framework and on != (m == framework)]
+    if bad:
+        raise WorkerError(f"worker {name!r} imported {bad} (each contender must run its framework alone)")
+    return w, info

@@ -27,12 +27,17 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int: up to 2 GiB of freed memory
 SETTINGS = "mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)"  # what keep_freed_memory sets, as reports name it
 
 
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc on Linux (the only one whose malloc these settings know)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """glibc only: ``mallopt(M_MMAP_MAX, 0)`` (never serve a block with mmap) and ``mallopt(M_TRIM_THRESHOLD,
     2**31 - 1)`` (never give the heap's freed top back to the system below 2 GiB), for the whole process. The
     process then keeps the memory of its largest step until it exits. True if both were set, False where the C
     library is not glibc (the call is then a no-op)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -2,13 +2,12 @@
 apply, and when they must not."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-from deepseek_jax import compat
+from deepseek_jax import compat, host
 
 
 def test_flags_added_once_and_user_settings_win():
@@ -64,7 +63,7 @@ print(json.dumps({"applied": applied, "faults": faults, "temp_pages": f.memory_a
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.skipif(not host.is_glibc(), reason="glibc's malloc only")
 def test_host_settings_keep_a_steps_memory():
     """compat.use_cpu_settings' host settings, observed through the kernel's page-fault counter in fresh processes:
     a jitted call whose temporaries (~100 MB) glibc would serve with mmap faults most of their pages in again at
